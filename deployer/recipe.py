@@ -1,0 +1,130 @@
+"""Cinnamon-sized recipes: named parameters, and tasks of command templates.
+
+A recipe is plain data (it is stored as JSON on the Recipe model)::
+
+    {
+      "params": {"deploy_to": "srv/prepan", "branch": "main"},
+      "tasks": {
+        "deploy:update": {"run": "remote", "commands": ["git -C {deploy_to} checkout {revision}"]},
+        "provision:prepare": {"run": "local", "commands": ["knife solo prepare {ssh_user}@{host} -i {ssh_key_file}"]}
+      },
+      "phases": {"provision": ["provision:prepare"], "deploy": ["deploy:update"]}
+    }
+
+A *remote* task runs over SSH on every host of the role; a *local* task runs
+on the worker once per host. Templates may use only the recipe's declared
+parameters and the built-ins below, and every value is shell-quoted when it
+is filled in, so a parameter can never add a command.
+"""
+
+from __future__ import annotations
+
+import shlex
+import string
+from dataclasses import dataclass
+
+# Filled in by whoever runs the recipe, for each host.
+BUILTIN_PARAMS = frozenset(
+    {
+        "host",  # the address the worker reaches the host at
+        "instance_id",
+        "name",  # the instance's Name tag
+        "ssh_user",
+        "ssh_port",
+        "ssh_key_file",
+        "revision",
+        "repository",
+        "app_port",
+        "environment",
+    }
+)
+RUN_KINDS = ("remote", "local")
+
+
+class RecipeError(ValueError):
+    """The recipe is malformed; the message says where."""
+
+
+@dataclass(frozen=True)
+class Command:
+    task: str
+    run: str  # "remote" or "local"
+    text: str  # the rendered, quoted shell command
+
+
+def template_fields(template: str) -> list[str]:
+    """The parameter names a template uses; rejects anything but `{name}`."""
+    fields = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise RecipeError(f"bad braces in {template!r}: {exc} (write {{{{ for a literal brace)")
+    for _literal, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            raise RecipeError(
+                f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} "
+                f"in {template!r}: only plain {{name}} parameters are allowed"
+            )
+        fields.append(field)
+    return fields
+
+
+def validate(recipe: object) -> dict:
+    """Return the recipe if it is well formed, else raise RecipeError."""
+    if not isinstance(recipe, dict):
+        raise RecipeError("a recipe is an object with params, tasks and phases")
+    unknown = set(recipe) - {"params", "tasks", "phases"}
+    if unknown:
+        raise RecipeError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
+    params = recipe.get("params", {})
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, (str, int)) for k, v in params.items()
+    ):
+        raise RecipeError("params maps parameter names to strings or numbers")
+    if clash := set(params) & BUILTIN_PARAMS:
+        raise RecipeError(f"params may not redefine built-ins: {', '.join(sorted(clash))}")
+    known = set(params) | BUILTIN_PARAMS
+    tasks = recipe.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise RecipeError("tasks maps task names to {run, commands}")
+    for name, task in tasks.items():
+        if not isinstance(task, dict) or set(task) - {"run", "commands"}:
+            raise RecipeError(f"task {name}: expected {{run, commands}}")
+        if task.get("run", "remote") not in RUN_KINDS:
+            raise RecipeError(f"task {name}: run must be remote or local")
+        commands = task.get("commands")
+        if not isinstance(commands, list) or not commands or not all(isinstance(c, str) and c.strip() for c in commands):
+            raise RecipeError(f"task {name}: commands is a non-empty list of strings")
+        for command in commands:
+            try:
+                fields = template_fields(command)
+            except RecipeError as exc:
+                raise RecipeError(f"task {name}: {exc}") from None
+            if undeclared := sorted(set(fields) - known):
+                raise RecipeError(f"task {name}: undeclared parameter {', '.join(undeclared)}")
+    phases = recipe.get("phases", {})
+    if not isinstance(phases, dict):
+        raise RecipeError("phases maps a phase (provision, deploy) to a list of task names")
+    for phase, names in phases.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RecipeError(f"phase {phase}: a list of task names")
+        if missing := [n for n in names if n not in tasks]:
+            raise RecipeError(f"phase {phase}: unknown task {', '.join(missing)}")
+    return recipe
+
+
+def render(recipe: dict, phase: str, values: dict) -> list[Command]:
+    """The commands of one phase for one host, every value shell-quoted."""
+    params = {**recipe.get("params", {}), **values}
+    quoted = {key: shlex.quote(str(value)) for key, value in params.items()}
+    commands = []
+    for task_name in recipe.get("phases", {}).get(phase, []):
+        task = recipe["tasks"][task_name]
+        for template in task["commands"]:
+            missing = [f for f in template_fields(template) if f not in quoted]
+            if missing:
+                raise RecipeError(f"task {task_name}: no value for {', '.join(missing)}")
+            commands.append(Command(task_name, task.get("run", "remote"), template.format(**quoted)))
+    return commands

@@ -1,0 +1,306 @@
+"""Sandbox instances as hosts: a directory, an SSH server, and processes.
+
+Every EC2 instance in the moto server whose private address is on loopback
+becomes a host: while it runs, an asyncssh server listens on its own
+address, and commands run as subprocesses in its directory. Stopping the
+instance ends its processes and its SSH server; starting it runs its boot
+script (`etc/rc.local`), as a reboot would. An instance launched from one of
+the sandbox's images starts with a copy of the directory the image was made
+from.
+
+Every process an instance runs carries two environment variables naming
+the sandbox and the instance; that is how a stop finds all of them,
+including daemons that detached from their SSH session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import asyncssh
+
+from .cloud import Cloud, InstanceView
+
+log = logging.getLogger("sandbox.hosts")
+SANDBOX_MARK = "GREENLIGHT_SANDBOX"
+INSTANCE_MARK = "GREENLIGHT_INSTANCE"
+RUNNING_STATES = ("pending", "running")
+
+
+def processes_marked(sandbox_dir: Path, instance_id: str | None = None) -> list[int]:
+    """Pids of processes started for this sandbox (and instance, if given)."""
+    wanted = [f"{SANDBOX_MARK}={sandbox_dir}".encode()]
+    if instance_id:
+        wanted.append(f"{INSTANCE_MARK}={instance_id}".encode())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(item in environ for item in wanted):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_marked(sandbox_dir: Path, instance_id: str | None = None, grace: float = 2.0) -> int:
+    """End every marked process: TERM, then KILL what is left after `grace`."""
+    killed = 0
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
+    while pids := processes_marked(sandbox_dir, instance_id):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+        if time.monotonic() > deadline + 5:
+            break
+    return killed
+
+
+class _SSHServer(asyncssh.SSHServer):
+    def __init__(self, host: Host):
+        self.host = host
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return username == self.host.ssh_user and key.public_data in self.host.authorized_keys()
+
+
+class Host:
+    def __init__(self, hosts: Hosts, view: InstanceView):
+        self.hosts = hosts
+        self.id = view.id
+        self.ip = view.private_ip
+        self.dir = hosts.dir / "instances" / view.id
+        self.root = self.dir / "root"
+        self.ssh_user = hosts.ssh_user
+        self._server: asyncssh.SSHAcceptor | None = None
+
+    @property
+    def up(self) -> bool:
+        return self._server is not None
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(self.root),
+            "USER": self.ssh_user,
+            "LANG": "C.UTF-8",
+            "INSTANCE_ID": self.id,
+            "INSTANCE_IP": self.ip,
+            SANDBOX_MARK: str(self.hosts.dir),
+            INSTANCE_MARK: self.id,
+        }
+
+    def authorized_keys(self) -> set[bytes]:
+        keys = set()
+        try:
+            lines = (self.root / ".ssh" / "authorized_keys").read_text().splitlines()
+        except OSError:
+            return keys
+        for line in lines:
+            if line.strip() and not line.startswith("#"):
+                try:
+                    keys.add(asyncssh.import_public_key(line).public_data)
+                except (asyncssh.KeyImportError, ValueError):
+                    continue
+        return keys
+
+    def host_key(self) -> asyncssh.SSHKey:
+        path = self.dir / "ssh_host_ed25519_key"
+        if not path.exists():
+            key = asyncssh.generate_private_key("ssh-ed25519")
+            key.write_private_key(path)
+            path.chmod(0o600)
+            (self.dir / "ssh_host_ed25519_key.pub").write_bytes(key.export_public_key())
+        return asyncssh.read_private_key(path)
+
+    def _first_boot(self, view: InstanceView) -> None:
+        """Lay down the disk: the image's copy if it is ours, else an empty one."""
+        image = self.hosts.dir / "images" / view.image_id
+        partial = self.dir / "root.partial"  # renamed into place when complete
+        shutil.rmtree(partial, ignore_errors=True)
+        if image.is_dir():
+            shutil.copytree(image, partial, symlinks=True)
+        else:
+            partial.mkdir(parents=True)
+        # cloud-init's job on EC2: authorize the launch key pair's key
+        ssh_dir = partial / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        (ssh_dir / "authorized_keys").write_text(self.hosts.cloud.public_key(view.key_name) + "\n")
+        partial.rename(self.root)
+
+    async def boot(self, view: InstanceView) -> None:
+        if not self.root.exists():
+            self._first_boot(view)
+        self._server = await asyncssh.listen(
+            host=self.ip,
+            port=self.hosts.ssh_port,
+            server_factory=lambda: _SSHServer(self),
+            server_host_keys=[self.host_key()],
+            process_factory=self._run,
+            encoding=None,
+            allow_scp=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            reuse_address=True,
+        )
+        rc_local = self.root / "etc" / "rc.local"
+        if rc_local.exists():
+            await asyncio.create_subprocess_exec(
+                "/bin/sh",
+                "etc/rc.local",
+                cwd=self.root,
+                env=self.env(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        log.info("%s (%s) is up: ssh %s@%s -p %s", self.id, view.name or "-", self.ssh_user, self.ip, self.hosts.ssh_port)
+
+    async def halt(self) -> None:
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await asyncio.get_running_loop().run_in_executor(None, kill_marked, self.hosts.dir, self.id)
+        log.info("%s is down", self.id)
+
+    async def _run(self, process: asyncssh.SSHServerProcess) -> None:
+        command = process.command
+        if not command:
+            process.stderr.write(b"the sandbox runs commands only; no interactive shell\n")
+            process.exit(1)
+            return
+        child = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            command,
+            cwd=self.root,
+            env=self.env(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+
+        async def pump(source, sink):
+            while chunk := await source.read(65536):
+                sink.write(chunk)
+                await sink.drain()
+
+        async def feed():
+            try:
+                while chunk := await process.stdin.read(65536):
+                    child.stdin.write(chunk)
+                    await child.stdin.drain()
+            except (OSError, asyncssh.Error):
+                pass
+            finally:
+                child.stdin.close()
+
+        feeder = asyncio.create_task(feed())
+        try:
+            await asyncio.gather(pump(child.stdout, process.stdout), pump(child.stderr, process.stderr))
+            status = await child.wait()
+            process.exit(status if status >= 0 else 128 - status)
+        except (OSError, asyncssh.Error, asyncio.CancelledError):
+            # the client went away: end the command like sshd's SIGHUP would
+            if child.returncode is None:
+                try:
+                    os.killpg(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            raise
+        finally:
+            feeder.cancel()
+
+
+class Hosts:
+    """Keeps the set of running SSH hosts in step with the moto server."""
+
+    def __init__(self, *, cloud: Cloud, directory: Path, network: str, ssh_port: int, ssh_user: str):
+        self.cloud = cloud
+        self.dir = directory
+        self.network = ipaddress.ip_network(network)
+        self.ssh_port = ssh_port
+        self.ssh_user = ssh_user
+        self.hosts: dict[str, Host] = {}
+        (self.dir / "instances").mkdir(parents=True, exist_ok=True)
+        (self.dir / "images").mkdir(parents=True, exist_ok=True)
+        cloud.on_image_created = self.snapshot
+
+    def snapshot(self, image_id: str, instance_id: str) -> None:
+        """Called inside CreateImage: the image is the instance's disk right now."""
+        source = self.dir / "instances" / instance_id / "root"
+        target = self.dir / "images" / image_id
+        if source.is_dir() and not target.exists():
+            shutil.copytree(source, target, symlinks=True)
+            log.info("image %s made from %s", image_id, instance_id)
+
+    def ours(self, view: InstanceView) -> bool:
+        try:
+            return ipaddress.ip_address(view.private_ip) in self.network
+        except ValueError:
+            return False
+
+    async def reconcile(self) -> None:
+        views = [v for v in self.cloud.instances() if self.ours(v)]
+        for view in views:
+            host = self.hosts.get(view.id) or self.hosts.setdefault(view.id, Host(self, view))
+            if view.state in RUNNING_STATES and not host.up:
+                try:
+                    await host.boot(view)
+                except OSError as exc:
+                    log.error("%s cannot start its SSH server on %s:%s: %s", view.id, host.ip, self.ssh_port, exc)
+            elif view.state not in RUNNING_STATES and host.up:
+                await host.halt()
+            if view.state == "terminated" and host.dir.exists() and not host.up:
+                shutil.rmtree(host.dir, ignore_errors=True)
+        images = self.cloud.image_ids()
+        for image in (self.dir / "images").iterdir():
+            if image.name not in images:  # deregistered
+                shutil.rmtree(image, ignore_errors=True)
+
+    async def run(self, stop: asyncio.Event, interval: float = 0.2) -> None:
+        while not stop.is_set():
+            try:
+                await self.reconcile()
+            except RuntimeError as exc:  # moto's dicts changed under our feet; look again
+                log.debug("reconcile retried: %s", exc)
+            except Exception:
+                log.exception("reconciling instances failed; trying again")
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def shutdown(self) -> None:
+        for host in self.hosts.values():
+            if host.up:
+                await host.halt()
+        await asyncio.get_running_loop().run_in_executor(None, kill_marked, self.dir, None)

@@ -1,0 +1,203 @@
+"""Run commands on hosts over SSH (paramiko), streaming their output.
+
+Host keys are pinned: pass the key recorded for the host and a different
+key fails the connection (paramiko's RejectPolicy). With no key recorded
+yet, the first contact's key is accepted and returned in the result so the
+caller can pin it from then on ("trust on first use", as ssh does).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import select
+import socket
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import paramiko
+
+from .errors import AdapterError
+
+LineCallback = Callable[[str, str], None]  # (stream, text)
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    user: str
+    private_key: str = ""  # OpenSSH or PEM text; never logged
+    host_key: str = ""  # "ssh-ed25519 AAAA..." once recorded
+
+    def __repr__(self) -> str:  # keep the key out of tracebacks and logs
+        return f"Target({self.user}@{self.host}:{self.port})"
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_status: int
+    host_key: str  # the key the host presented, to pin
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class _RecordFirstContact(paramiko.MissingHostKeyPolicy):
+    def missing_host_key(self, client, hostname, key):
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def load_private_key(text: str) -> paramiko.PKey:
+    for key_class in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return key_class.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise AdapterError("the SSH private key is not a readable ed25519, ECDSA or RSA key")
+
+
+def parse_host_key(text: str) -> paramiko.PKey:
+    try:
+        key_type, data = text.split()[:2]
+        return paramiko.PKey.from_type_string(key_type, base64.b64decode(data))
+    except Exception:
+        raise AdapterError(f"the recorded host key is not a valid public key: {text[:40]!r}") from None
+
+
+def host_key_text(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def connect(target: Target, *, timeout: float = 15) -> tuple[paramiko.SSHClient, str]:
+    """An authenticated client and the host key the server presented."""
+    client = paramiko.SSHClient()
+    known_as = target.host if target.port == 22 else f"[{target.host}]:{target.port}"
+    if target.host_key:
+        pinned = parse_host_key(target.host_key)
+        client.get_host_keys().add(known_as, pinned.get_name(), pinned)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    else:
+        client.set_missing_host_key_policy(_RecordFirstContact())
+    try:
+        client.connect(
+            target.host,
+            port=target.port,
+            username=target.user,
+            pkey=load_private_key(target.private_key),
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            allow_agent=False,
+            look_for_keys=False,
+        )
+    except paramiko.BadHostKeyException as exc:
+        client.close()
+        raise AdapterError(
+            f"host key of {target.host}:{target.port} changed (got {exc.key.get_name()} "
+            f"{exc.key.get_fingerprint().hex()}); refusing to connect"
+        ) from None
+    except paramiko.AuthenticationException:
+        client.close()
+        raise AdapterError(f"{target.user}@{target.host}:{target.port} refused our SSH key") from None
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        client.close()
+        raise AdapterError(f"cannot reach {target.host}:{target.port} over SSH: {exc}") from None
+    return client, host_key_text(client.get_transport().get_remote_server_key())
+
+
+class _LineSplitter:
+    def __init__(self, stream: str, on_line: LineCallback | None):
+        self.stream, self.on_line, self.pending = stream, on_line, b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for line in lines:
+            self._emit(line)
+
+    def flush(self) -> None:
+        if self.pending:
+            self._emit(self.pending)
+            self.pending = b""
+
+    def _emit(self, line: bytes) -> None:
+        if self.on_line:
+            self.on_line(self.stream, line.rstrip(b"\r").decode("utf-8", errors="replace"))
+
+
+def run(
+    target: Target,
+    command: str,
+    *,
+    timeout: float = 600,
+    on_line: LineCallback | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> Result:
+    """Run one command; stream its stdout and stderr lines as they come.
+
+    Raises AdapterError when the host cannot be reached, the command outlives
+    `timeout` seconds, or `cancelled()` turns true; a non-zero exit is a
+    Result, not an error, so the caller decides what it means.
+    """
+    client, presented = connect(target)
+    try:
+        channel = client.get_transport().open_session()
+        channel.exec_command(command)
+        channel.shutdown_write()
+        out, err = _LineSplitter("stdout", on_line), _LineSplitter("stderr", on_line)
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = False
+            while channel.recv_ready():
+                out.feed(channel.recv(65536))
+                busy = True
+            while channel.recv_stderr_ready():
+                err.feed(channel.recv_stderr(65536))
+                busy = True
+            if (
+                channel.exit_status_ready()
+                and not channel.recv_ready()
+                and not channel.recv_stderr_ready()
+                and (channel.eof_received or channel.closed)
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise AdapterError(f"command timed out after {timeout:g}s on {target.host}")
+            if cancelled and cancelled():
+                raise AdapterError(f"command cancelled on {target.host}")
+            if not busy:
+                select.select([channel], [], [], 0.2)
+        out.flush()
+        err.flush()
+        return Result(channel.recv_exit_status(), presented)
+    except (OSError, paramiko.SSHException, socket.timeout, EOFError) as exc:
+        raise AdapterError(f"SSH session to {target.host}:{target.port} failed: {exc}") from None
+    finally:
+        client.close()
+
+
+def run_many(
+    jobs: Iterable[tuple[Target, str]],
+    *,
+    max_workers: int = 8,
+    **kwargs,
+) -> dict[str, Result | AdapterError]:
+    """Run commands on many hosts at once; each host maps to its Result or error.
+
+    The shape of Fabric's GroupResult: one failing host never hides the others.
+    """
+    jobs = list(jobs)
+
+    def one(job):
+        target, command = job
+        try:
+            return run(target, command, **kwargs)
+        except AdapterError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs) or 1))) as pool:
+        results = pool.map(one, jobs)
+        return {target.host: result for (target, _), result in zip(jobs, results)}

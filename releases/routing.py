@@ -1,0 +1,3 @@
+"""Websocket routes. The release group (`release-<id>`) arrives with the engine."""
+
+websocket_urlpatterns: list = []
