@@ -1,4 +1,5 @@
 import logging
+import os
 
 import asyncssh
 from pathlib import Path
@@ -15,17 +16,21 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         defaults = runner.Config(directory=Path(), file=Path())
+
+        def default(name, value):  # SANDBOX_<NAME> in the environment overrides a default
+            return type(value)(os.environ.get(f"SANDBOX_{name.upper()}", value))
+
         parser.add_argument("--directory", default=str(settings.VAR_DIR / "sandbox"), help="state (instances, images, AWS)")
         parser.add_argument("--file", default=str(settings.SANDBOX_FILE), help="where to write the endpoints")
-        parser.add_argument("--aws-port", type=int, default=defaults.aws_port)
-        parser.add_argument("--lb-port", type=int, default=defaults.lb_port)
-        parser.add_argument("--network", default=defaults.network, help="loopback CIDR for instance addresses")
-        parser.add_argument("--ssh-port", type=int, default=defaults.ssh_port)
-        parser.add_argument("--app-port", type=int, default=defaults.app_port)
+        parser.add_argument("--aws-port", type=int, default=default("aws_port", defaults.aws_port), help="0 picks a free port")
+        parser.add_argument("--lb-port", type=int, default=default("lb_port", defaults.lb_port), help="0 picks a free port")
+        parser.add_argument("--network", default=default("network", defaults.network), help="loopback CIDR for instance addresses")
+        parser.add_argument("--ssh-port", type=int, default=default("ssh_port", defaults.ssh_port))
+        parser.add_argument("--app-port", type=int, default=default("app_port", defaults.app_port))
         parser.add_argument("--health-interval", type=float, default=defaults.health.interval)
         parser.add_argument("--healthy-threshold", type=int, default=defaults.health.healthy_threshold)
         parser.add_argument("--unhealthy-threshold", type=int, default=defaults.health.unhealthy_threshold)
-        parser.add_argument("--draining-timeout", type=int, default=defaults.draining_timeout)
+        parser.add_argument("--draining-timeout", type=int, default=default("draining_timeout", defaults.draining_timeout))
         parser.add_argument("--no-seed", action="store_true", help="do not create the prepan environment")
 
     def handle(self, *args, **options):

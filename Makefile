@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+# Tests run against PostgreSQL; pytest-django creates (and drops) test_greenlight.
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/greenlight
+
+.PHONY: demo test install install-dev sandbox clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## Run the whole product on the sandbox: http://127.0.0.1:$(PORT)
+demo: install
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	$(BIN)/python manage.py demo --port $(PORT)
+
+## Run the test suite against PostgreSQL and Redis
+test: install-dev
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Only the sandbox (AWS endpoint, SSH hosts, load balancer)
+sandbox: install
+	$(BIN)/python manage.py sandbox
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,129 @@
+"""Starting real processes for tests: the sandbox, and polling helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deployer import aws, ssh
+
+ROOT = Path(__file__).resolve().parent.parent
+_started = iter(range(1_000_000))
+
+
+def wait_for(predicate, timeout: float = 30, interval: float = 0.1, message: str = "condition"):
+    """Poll until predicate() returns something truthy; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class SandboxProcess:
+    """`manage.py sandbox` as a child process, on ports and addresses of its own."""
+
+    def __init__(self, directory: Path, *, seed: bool = True, network: str | None = None):
+        self.directory = directory
+        self.file = directory / "sandbox.json"
+        # a /16 of its own, away from a demo's 127.77.0.0/16 and other test runs
+        self.network = network or f"127.{100 + (os.getpid() * 7 + next(_started)) % 150}.0.0/16"
+        self.seed = seed
+        self.process: subprocess.Popen | None = None
+        self.log = directory / "sandbox.log"
+
+    def start(self, timeout: float = 120) -> dict:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            sys.executable, str(ROOT / "manage.py"), "sandbox",
+            "--directory", str(self.directory / "state"),
+            "--file", str(self.file),
+            "--aws-port", "0", "--lb-port", "0",
+            "--network", self.network,
+            "--health-interval", "0.2",
+        ]
+        if not self.seed:
+            args.append("--no-seed")
+        env = {**os.environ, "GREENLIGHT_VAR_DIR": str(self.directory), "SECRET_KEY": "sandbox-test"}
+        self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_for(lambda: self.file.exists() or self.process.poll() is not None, timeout, message="the sandbox to be ready")
+        if self.process.poll() is not None:
+            raise AssertionError(f"the sandbox exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        return self.info
+
+    @property
+    def info(self) -> dict:
+        return json.loads(self.file.read_text())
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+    # -- clients, as the product will build them -----------------------------
+
+    def account(self) -> aws.Account:
+        info = self.info
+        return aws.Account(
+            region=info["region"],
+            endpoint_url=info["aws_endpoint_url"],
+            access_key_id=info["aws_access_key_id"],
+            secret_access_key=info["aws_secret_access_key"],
+        )
+
+    def client(self, service: str):
+        return aws.client(self.account(), service)
+
+    def target(self, instance: dict, **overrides) -> ssh.Target:
+        info = self.info
+        fields = dict(
+            host=instance["PrivateIpAddress"],
+            port=info["ssh_port"],
+            user=info["ssh_user"],
+            private_key=Path(info["ssh_key_file"]).read_text(),
+        )
+        return ssh.Target(**{**fields, **overrides})
+
+    def launch(self, *, image_id: str | None = None, name: str = "test") -> dict:
+        info = self.info
+        instance = self.client("ec2").run_instances(
+            ImageId=image_id or info["base_ami"],
+            InstanceType=info["instance_type"],
+            KeyName=info["key_name"],
+            SubnetId=info["subnet_id"],
+            SecurityGroupIds=[info["app_security_group_id"]],
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": name}]}],
+        )["Instances"][0]
+        self.wait_for_ssh(instance)
+        return instance
+
+    def wait_for_ssh(self, instance: dict, timeout: float = 30) -> ssh.Result:
+        target = self.target(instance)
+
+        def reachable():
+            try:
+                return ssh.run(target, "true", timeout=5)
+            except ssh.AdapterError:
+                return None
+
+        return wait_for(reachable, timeout, 0.1, f"SSH on {instance['InstanceId']}")
+
+    def run(self, instance: dict, command: str, **kwargs) -> tuple[ssh.Result, list[tuple[str, str]]]:
+        lines: list[tuple[str, str]] = []
+        result = ssh.run(self.target(instance), command, on_line=lambda s, t: lines.append((s, t)), **kwargs)
+        return result, lines

@@ -1,0 +1,61 @@
+"""Recipes: validation with clear errors, and values that cannot add commands."""
+
+import pytest
+
+from deployer.recipe import RecipeError, render, validate
+from deployer.sandbox.demo_recipe import RECIPE
+
+
+def recipe_with(*commands, params=None):
+    return {
+        "params": params or {"deploy_to": "/srv/app"},
+        "tasks": {"deploy:update": {"run": "remote", "commands": list(commands)}},
+        "phases": {"deploy": ["deploy:update"]},
+    }
+
+
+def test_the_demo_recipe_is_valid():
+    assert validate(RECIPE) is RECIPE
+
+
+def test_every_value_is_shell_quoted():
+    recipe = validate(recipe_with("git checkout {revision}"))
+
+    [command] = render(recipe, "deploy", {"revision": "v2; touch pwned"})
+
+    assert command.text == "git checkout 'v2; touch pwned'"
+
+
+def test_it_names_an_undeclared_parameter():
+    with pytest.raises(RecipeError, match="deploy:update: undeclared parameter brnach"):
+        validate(recipe_with("git checkout {brnach}"))
+
+
+@pytest.mark.parametrize("template", ["echo {deploy_to.__class__}", "echo {deploy_to!r}", "echo {deploy_to:>9}", "echo {0}"])
+def test_it_allows_only_plain_parameters(template):
+    with pytest.raises(RecipeError, match="only plain"):
+        validate(recipe_with(template))
+
+
+def test_it_explains_a_stray_brace():
+    with pytest.raises(RecipeError, match="write {{ for a literal brace"):
+        validate(recipe_with("awk '{print $1'"))
+
+
+def test_a_phase_must_name_existing_tasks():
+    recipe = recipe_with("true")
+    recipe["phases"]["deploy"].append("web:strat")
+    with pytest.raises(RecipeError, match="phase deploy: unknown task web:strat"):
+        validate(recipe)
+
+
+def test_params_cannot_shadow_built_ins():
+    with pytest.raises(RecipeError, match="redefine built-ins: revision"):
+        validate(recipe_with("true", params={"revision": "main"}))
+
+
+def test_a_remote_or_local_kind_is_required():
+    recipe = recipe_with("true")
+    recipe["tasks"]["deploy:update"]["run"] = "elsewhere"
+    with pytest.raises(RecipeError, match="run must be remote or local"):
+        validate(recipe)

@@ -1,0 +1,30 @@
+"""A real Celery worker connects to Redis and answers."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deployer.celery import app
+from tests.helpers import ROOT, wait_for
+
+
+@pytest.fixture
+def worker(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "deployer", "worker", "--pool", "solo", "-n", "test-worker@%h", "--loglevel", "warning"],
+        cwd=ROOT,
+        env={**os.environ, "GREENLIGHT_VAR_DIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield process
+    process.terminate()
+    process.wait(30)
+
+
+def test_a_worker_comes_up_on_the_redis_broker(worker):
+    replies = wait_for(lambda: app.control.ping(timeout=0.5), timeout=60, message="a worker to answer ping")
+
+    assert any(name.startswith("test-worker@") for reply in replies for name in reply)
