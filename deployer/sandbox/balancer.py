@@ -86,7 +86,7 @@ class Balancer:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -57,7 +57,7 @@ class Cloud:
         self._install_hooks()
         self._server.start()
         host, port = self._server.get_host_and_port()
-        return f"http://{host}:{port}"
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
 
     def stop(self) -> None:
         self._server.stop()

@@ -22,6 +22,7 @@ class Command(BaseCommand):
 
         parser.add_argument("--directory", default=str(settings.VAR_DIR / "sandbox"), help="state (instances, images, AWS)")
         parser.add_argument("--file", default=str(settings.SANDBOX_FILE), help="where to write the endpoints")
+        parser.add_argument("--host", default=default("host", defaults.host), help="where the AWS endpoint and load balancer listen")
         parser.add_argument("--aws-port", type=int, default=default("aws_port", defaults.aws_port), help="0 picks a free port")
         parser.add_argument("--lb-port", type=int, default=default("lb_port", defaults.lb_port), help="0 picks a free port")
         parser.add_argument("--network", default=default("network", defaults.network), help="loopback CIDR for instance addresses")
@@ -41,6 +42,7 @@ class Command(BaseCommand):
         config = runner.Config(
             directory=Path(options["directory"]).resolve(),
             file=Path(options["file"]).resolve(),
+            host=options["host"],
             aws_port=options["aws_port"],
             lb_port=options["lb_port"],
             network=options["network"],
