@@ -245,3 +245,44 @@ def test_the_load_balancer_routes_to_healthy_registered_instances_and_drains_der
         assert any(new_id in text for _, text in slow), "an in-flight request on the drained instance completed"
     finally:
         elb.deregister_instances_from_load_balancer(LoadBalancerName=name, Instances=[{"InstanceId": new_id}])
+
+
+def test_a_request_still_open_when_the_draining_timeout_ends_is_cut(sandbox):
+    info = sandbox.info
+    elb = sandbox.client("elb")
+    name = info["load_balancer_name"]
+    instance = sandbox.launch(name="app-slow")
+    new_id = instance["InstanceId"]
+    deploy_demo(sandbox, instance, "v2")
+    elb.modify_load_balancer_attributes(
+        LoadBalancerName=name, LoadBalancerAttributes={"ConnectionDraining": {"Enabled": True, "Timeout": 1}}
+    )
+    try:
+        elb.register_instances_with_load_balancer(LoadBalancerName=name, Instances=[{"InstanceId": new_id}])
+        wait_for(lambda: any(inst == new_id for _, _, inst in served_by(info["load_balancer_url"], 6)), 15, message="traffic on the new instance")
+        time.sleep(2.5)  # the balancer re-reads the draining timeout every two seconds
+        outcomes = []
+
+        def held_open():
+            started = time.monotonic()
+            response = requests.get(f"{info['load_balancer_url']}/slow?seconds=8", timeout=20)
+            outcomes.append((response.status_code, response.text, time.monotonic() - started))
+
+        threads = [threading.Thread(target=held_open) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        elb.deregister_instances_from_load_balancer(LoadBalancerName=name, Instances=[{"InstanceId": new_id}])
+        for thread in threads:
+            thread.join()
+
+        cut = [o for o in outcomes if o[0] == 502]
+        assert len(cut) == 1, outcomes  # round robin over three backends: one request was on the new one
+        assert cut[0][2] < 6, "cut at the draining timeout, not when the request would have ended"
+        assert all(status == 200 for status, text, _ in outcomes if new_id not in text and status != 502)
+    finally:
+        elb.deregister_instances_from_load_balancer(LoadBalancerName=name, Instances=[{"InstanceId": new_id}])
+        elb.modify_load_balancer_attributes(
+            LoadBalancerName=name,
+            LoadBalancerAttributes={"ConnectionDraining": {"Enabled": True, "Timeout": info.get("draining_timeout", 5)}},
+        )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -203,7 +204,10 @@ class Balancer:
                 if backend.in_flight and now >= backend.draining_until:
                     for connection in list(backend.in_flight):
                         if connection.sock:  # draining timed out: cut what is left
-                            connection.sock.close()
+                            try:  # shutdown, not close: it wakes the thread blocked reading
+                                connection.sock.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
                 if not backend.in_flight or now >= backend.draining_until:
                     del self.backends[instance_id]
                     log.info("%s drained from %s", instance_id, self.name)

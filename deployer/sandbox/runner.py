@@ -167,6 +167,7 @@ class Sandbox:
             "ssh_key_file": str(plan.key_file),
             "app_port": config.app_port,
             "health_path": config.health_path,
+            "draining_timeout": config.draining_timeout,
             "instance_type": config.instance_type,
             "name_prefix": plan.name_prefix,
             "desired_count": plan.seed_count,
