@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 # Tests run against PostgreSQL; pytest-django creates (and drops) test_greenlight.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/greenlight
+# A Redis database of their own, so a running demo worker never takes test tasks.
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
 .PHONY: demo test install install-dev sandbox clean
 
@@ -31,7 +33,7 @@ demo: install
 
 ## Run the test suite against PostgreSQL and Redis
 test: install-dev
-	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} $(BIN)/python -m pytest $(PYTEST_ARGS)
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Only the sandbox (AWS endpoint, SSH hosts, load balancer)
 sandbox: install

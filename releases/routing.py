@@ -1,3 +1,7 @@
-"""Websocket routes. The release group (`release-<id>`) arrives with the engine."""
+from django.urls import path
 
-websocket_urlpatterns: list = []
+from .consumers import ReleaseConsumer
+
+websocket_urlpatterns = [
+    path("ws/releases/<int:release_id>/", ReleaseConsumer.as_asgi()),
+]

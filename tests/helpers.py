@@ -31,7 +31,8 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.1, message: str
 class SandboxProcess:
     """`manage.py sandbox` as a child process, on ports and addresses of its own."""
 
-    def __init__(self, directory: Path, *, seed: bool = True, network: str | None = None):
+    def __init__(self, directory: Path, *, seed: bool = True, network: str | None = None, draining_timeout: int = 5):
+        self.draining_timeout = draining_timeout
         self.directory = directory
         self.file = directory / "sandbox.json"
         # a /16 of its own, away from a demo's 127.77.0.0/16 and other test runs
@@ -49,6 +50,7 @@ class SandboxProcess:
             "--aws-port", "0", "--lb-port", "0",
             "--network", self.network,
             "--health-interval", "0.2",
+            "--draining-timeout", str(self.draining_timeout),
         ]
         if not self.seed:
             args.append("--no-seed")

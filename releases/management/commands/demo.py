@@ -24,7 +24,7 @@ from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.core.management.base import BaseCommand, CommandError
 
-from releases import roles
+from releases import roles, services
 
 
 class Child:
@@ -78,13 +78,14 @@ class Command(BaseCommand):
             info = self._wait_for_sandbox(sandbox, stopping)
             if info is None:
                 return
+            environment = services.environment_import_sandbox(info=info)
             self._start("worker", [sys.executable, "-m", "celery", "-A", "deployer", "worker", "--beat", "--loglevel", "info", "--concurrency", "2"])
             self._start("web", [sys.executable, "-m", "daphne", "-b", options["host"], "-p", str(options["port"]), "deployer.asgi:application"])
             url = f"http://{options['host']}:{options['port']}/"
             self.stdout.write(
                 "\n"
                 f"  Greenlight   {url}   sign in as {username} / {password}\n"
-                f"  Load balancer {info['load_balancer_url']}  (prepan, serving {info['revisions'][0]})\n"
+                f"  Load balancer {info['load_balancer_url']}  ({environment.name}; revisions {', '.join(info['revisions'])})\n"
                 f"  AWS endpoint  {info['aws_endpoint_url']}  endpoints in {settings.SANDBOX_FILE}\n"
                 "  Ctrl-C stops everything.\n"
             )

@@ -1,0 +1,43 @@
+from django.contrib import admin
+
+from .models import AuditEvent, Environment, Recipe, Release, Step
+
+
+@admin.register(Recipe)
+class RecipeAdmin(admin.ModelAdmin):
+    list_display = ("name", "updated_at")
+
+
+@admin.register(Environment)
+class EnvironmentAdmin(admin.ModelAdmin):
+    list_display = ("name", "region", "load_balancer_name", "desired_count", "last_baked_ami")
+
+
+class StepInline(admin.TabularInline):
+    model = Step
+    fields = ("position", "key", "kind", "status", "attempts", "error")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+
+@admin.register(Release)
+class ReleaseAdmin(admin.ModelAdmin):
+    # read-only: releases change through the services, never by editing rows
+    list_display = ("id", "environment", "revision", "strategy", "status", "requested_by", "created_at")
+    list_filter = ("status", "environment")
+    readonly_fields = [f.name for f in Release._meta.fields]
+    inlines = [StepInline]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    list_display = ("at", "actor_name", "action", "target", "environment", "release")
+    list_filter = ("action",)
+    readonly_fields = [f.name for f in AuditEvent._meta.fields]
+
+    def has_add_permission(self, request):
+        return False

@@ -1,0 +1,161 @@
+"""The JSON API (stable: scripts and CI pipelines use it). See the README."""
+
+from __future__ import annotations
+
+from django.utils.dateparse import parse_datetime
+from rest_framework import exceptions
+from rest_framework.decorators import api_view
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from . import permissions, selectors, services
+from .models import Environment, Release
+
+AUDIT_PAGE = 100
+
+
+def exception_handler(exc, context):
+    """Every error is {"error": "..."}: ours, DRF's and Django's alike."""
+    if isinstance(exc, services.ServiceError):
+        return Response({"error": str(exc), **exc.details}, status=exc.status)
+    response = drf_exception_handler(exc, context)
+    if response is not None:
+        detail = response.data.get("detail", response.data) if isinstance(response.data, dict) else response.data
+        response.data = {"error": str(detail)}
+    return response
+
+
+def client_ip(request) -> str | None:
+    return request.META.get("REMOTE_ADDR")
+
+
+def _body(request) -> dict:
+    if not isinstance(request.data, dict):
+        raise services.BadInput("the body must be a JSON object")
+    return request.data
+
+
+def _viewer(request) -> None:
+    if not permissions.can_view(request.user):
+        raise exceptions.PermissionDenied("reading needs the viewer, deployer or approver role")
+
+
+def _release(release_id: int) -> Release:
+    try:
+        return Release.objects.select_related("environment").get(pk=release_id)
+    except Release.DoesNotExist:
+        raise services.NotFound(f"there is no release {release_id}") from None
+
+
+@api_view(["GET"])
+def environment_list(request):
+    _viewer(request)
+    return Response({"environments": selectors.environments()})
+
+
+@api_view(["POST"])
+def release_create(request):
+    body = _body(request)
+    unknown = set(body) - {"environment", "revision", "strategy", "clone_count"}
+    if unknown:
+        raise services.BadInput(f"unknown fields: {', '.join(sorted(unknown))}")
+    name = body.get("environment")
+    if not isinstance(name, str) or not name:
+        raise services.BadInput("environment is required: the name of an environment", field="environment")
+    environment = Environment.objects.select_related("recipe").filter(name=name).first()
+    if environment is None:
+        raise services.BadInput(f"there is no environment {name!r}", field="environment")
+    revision = body.get("revision")
+    if not isinstance(revision, str):
+        raise services.BadInput("revision is required: a branch, tag or commit", field="revision")
+    strategy = body.get("strategy", "bake")
+    if not isinstance(strategy, str):
+        raise services.BadInput("strategy is bake or deploy_from_image", field="strategy")
+    release = services.release_create(
+        environment=environment, revision=revision, strategy=strategy, fleet_size=body.get("clone_count"),
+        actor=request.user, source_ip=client_ip(request),
+    )
+    return Response(selectors.release_dict(selectors.release_for_detail(release.pk)), status=201)
+
+
+@api_view(["GET"])
+def release_detail(request, release_id: int):
+    _viewer(request)
+    try:
+        release = selectors.release_for_detail(release_id)
+    except Release.DoesNotExist:
+        raise services.NotFound(f"there is no release {release_id}") from None
+    return Response(selectors.release_dict(release))
+
+
+def _comment(request) -> str:
+    comment = _body(request).get("comment", "")
+    if not isinstance(comment, str) or len(comment) > 2000:
+        raise services.BadInput("comment is text of at most 2000 characters", field="comment")
+    return comment
+
+
+@api_view(["POST"])
+def gate_approve(request, release_id: int, key: str):
+    release = _release(release_id)
+    services.gate_approve(release=release, key=key, actor=request.user, comment=_comment(request), source_ip=client_ip(request))
+    return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
+
+
+@api_view(["POST"])
+def gate_reject(request, release_id: int, key: str):
+    release = _release(release_id)
+    services.gate_reject(release=release, key=key, actor=request.user, comment=_comment(request), source_ip=client_ip(request))
+    return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
+
+
+def _action(service):
+    @api_view(["POST"])
+    def view(request, release_id: int):
+        service(release=_release(release_id), actor=request.user, source_ip=client_ip(request))
+        return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
+
+    return view
+
+
+release_cancel = _action(services.release_cancel)
+release_retry = _action(services.release_retry)
+release_rollback = _action(services.release_rollback)
+
+
+@api_view(["GET"])
+def release_logs(request, release_id: int):
+    _viewer(request)
+    _release(release_id)
+    try:
+        after = int(request.query_params.get("after", 0))
+        limit = int(request.query_params.get("limit", selectors.LOG_PAGE))
+    except ValueError:
+        raise services.BadInput("after and limit are whole numbers") from None
+    return Response(selectors.log_lines(release_id, after=after, limit=limit))
+
+
+@api_view(["GET"])
+def audit_list(request):
+    _viewer(request)
+    params = request.query_params
+    dates = {}
+    for name in ("since", "until"):
+        if value := params.get(name):
+            dates[name] = parse_datetime(value)
+            if dates[name] is None:
+                raise services.BadInput(f"{name} is an ISO 8601 time, like 2026-11-29T10:00:00Z", field=name)
+    try:
+        release = int(params["release"]) if params.get("release") else None
+        offset = int(params.get("offset", 0))
+    except ValueError:
+        raise services.BadInput("release and offset are whole numbers") from None
+    events = selectors.audit_events(environment=params.get("environment", ""), actor=params.get("actor", ""),
+                                    action=params.get("action", ""), release=release, **dates)
+    page = list(events[offset: offset + AUDIT_PAGE + 1])
+    return Response({
+        "events": [selectors.audit_dict(e) for e in page[:AUDIT_PAGE]],
+        "next_offset": offset + AUDIT_PAGE if len(page) > AUDIT_PAGE else None,
+    })
+
+

@@ -1,0 +1,228 @@
+"""The release domain: environments, recipes, releases and their steps.
+
+State changes go through `releases.transitions` (conditional updates), never
+through `save()` on a loaded row, so two workers can never both win.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+
+from deployer import recipe as recipes
+
+
+class Recipe(models.Model):
+    name = models.SlugField(max_length=100, unique=True)
+    definition = models.JSONField(help_text="params, tasks and phases (see deployer/recipe.py)")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def clean(self):
+        try:
+            recipes.validate(self.definition)
+        except recipes.RecipeError as exc:
+            raise ValidationError({"definition": str(exc)}) from None
+
+    def save(self, *args, **kwargs):
+        self.full_clean()
+        super().save(*args, **kwargs)
+
+    def __str__(self):
+        return self.name
+
+
+class Environment(models.Model):
+    class Address(models.TextChoices):
+        PRIVATE = "private", "private IP (Greenlight runs inside the VPC)"
+        PUBLIC = "public", "public DNS name"
+
+    name = models.SlugField(max_length=100, unique=True)
+    region = models.CharField(max_length=32)
+    aws_endpoint_url = models.URLField(blank=True, help_text="empty for AWS itself; the sandbox's endpoint otherwise")
+    aws_credentials = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text='a reference, never the keys: "" (the worker\'s default chain), "profile:NAME", '
+        '"env:PREFIX" (PREFIX_ACCESS_KEY_ID / PREFIX_SECRET_ACCESS_KEY), or "sandbox"',
+    )
+    load_balancer_name = models.CharField(max_length=200, blank=True, help_text="a classic ELB")
+    target_group_arn = models.CharField(max_length=400, blank=True, help_text="or an ELBv2 target group")
+    public_url = models.URLField(help_text="where users reach the service (the load balancer's address); checked after the swap")
+    verify_security_group_id = models.CharField(max_length=64)
+    verify_cidr = models.CharField(max_length=64, default="127.0.0.1/32", help_text="who may reach the canary directly")
+    security_group_ids = models.JSONField(default=list, blank=True, help_text="security groups for new instances")
+    app_port = models.PositiveIntegerField(default=80)
+    health_path = models.CharField(max_length=200, default="/health")
+    expected_text = models.CharField(max_length=200, blank=True, help_text="smoke checks expect / to contain this ({revision} allowed)")
+    ssh_user = models.CharField(max_length=64, default="ec2-user")
+    ssh_port = models.PositiveIntegerField(default=22)
+    ssh_key_file = models.CharField(max_length=400, help_text="path on the workers to the key pair's private key")
+    address = models.CharField(max_length=8, choices=Address.choices, default=Address.PRIVATE)
+    instance_type = models.CharField(max_length=32, default="t3.micro")
+    subnet_id = models.CharField(max_length=64)
+    key_name = models.CharField(max_length=200)
+    base_ami = models.CharField(max_length=64)
+    last_baked_ami = models.CharField(max_length=64, blank=True)
+    name_prefix = models.CharField(max_length=64, default="app-")
+    desired_count = models.PositiveIntegerField(default=2)
+    repository = models.CharField(max_length=400)
+    recipe = models.ForeignKey(Recipe, on_delete=models.PROTECT)
+    four_eyes = models.BooleanField(default=True, help_text="whoever starts a release cannot decide its gates")
+    gate_timeout = models.PositiveIntegerField(default=3600, help_text="seconds before an open gate rejects itself")
+    retention = models.PositiveIntegerField(default=86400, help_text="seconds old instances stay stopped before termination")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def clean(self):
+        if bool(self.load_balancer_name) == bool(self.target_group_arn):
+            raise ValidationError("set either a classic load balancer name or an ELBv2 target group ARN, not both")
+        if self.desired_count < 1:
+            raise ValidationError({"desired_count": "at least one instance"})
+
+    def __str__(self):
+        return self.name
+
+
+class Release(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"  # created; no step has run yet
+        RUNNING = "running"  # a worker is running (or about to run) a step
+        AWAITING_APPROVAL = "awaiting_approval"  # a gate is open
+        SUCCEEDED = "succeeded"  # every step done; the new fleet serves
+        FAILED = "failed"  # a step failed; retry or roll back
+        CANCELLED = "cancelled"  # stopped by a person, cleaned up
+        ROLLING_BACK = "rolling_back"  # putting the old fleet back
+        ROLLED_BACK = "rolled_back"  # the old fleet serves again
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING, Status.AWAITING_APPROVAL, Status.FAILED, Status.ROLLING_BACK)
+
+    class Strategy(models.TextChoices):
+        BAKE = "bake"
+        DEPLOY_FROM_IMAGE = "deploy_from_image"
+
+    environment = models.ForeignKey(Environment, on_delete=models.PROTECT, related_name="releases")
+    revision = models.CharField(max_length=200)
+    strategy = models.CharField(max_length=32, choices=Strategy.choices, default=Strategy.BAKE)
+    fleet_size = models.PositiveIntegerField()
+    plan = models.JSONField(help_text="the environment, recipe and steps, frozen at creation")
+    state = models.JSONField(default=dict, help_text="what the steps made: instance ids, image id, rules")
+    status = models.CharField(max_length=32, choices=Status.choices, default=Status.QUEUED)
+    cancel_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    log_seq = models.BigIntegerField(default=0, help_text="the last log line's sequence number")
+
+    class Meta:
+        constraints = [
+            # a failed release still holds its environment: it must be retried,
+            # rolled back or cancelled before another may start
+            models.UniqueConstraint(
+                fields=["environment"],
+                condition=Q(status__in=["queued", "running", "awaiting_approval", "failed", "rolling_back"]),
+                name="one_active_release_per_environment",
+            )
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"#{self.pk} {self.environment.name} {self.revision}"
+
+
+class Step(models.Model):
+    class Kind(models.TextChoices):
+        ACTION = "action"
+        GATE = "gate"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        AWAITING_APPROVAL = "awaiting_approval"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        SKIPPED = "skipped"
+
+    release = models.ForeignKey(Release, on_delete=models.CASCADE, related_name="steps")
+    position = models.PositiveIntegerField()
+    key = models.CharField(max_length=64)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    status = models.CharField(max_length=32, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    lease_owner = models.CharField(max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True, help_text="an open gate rejects itself after this")
+    error = models.TextField(blank=True)
+    result = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["position"]
+        constraints = [models.UniqueConstraint(fields=["release", "key"], name="one_step_per_key")]
+
+    def __str__(self):
+        return f"{self.release_id}:{self.key}"
+
+
+class Instance(models.Model):
+    """An EC2 instance a release created or replaced."""
+
+    class Role(models.TextChoices):
+        CANARY = "canary"
+        CLONE = "clone"
+        OLD = "old"
+
+    release = models.ForeignKey(Release, on_delete=models.CASCADE, related_name="instances")
+    instance_id = models.CharField(max_length=32)
+    name = models.CharField(max_length=200, blank=True)
+    role = models.CharField(max_length=8, choices=Role.choices)
+    address = models.CharField(max_length=200, blank=True)
+    host_key = models.TextField(blank=True)
+    state = models.CharField(max_length=32, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["release", "instance_id"], name="one_row_per_instance")]
+
+
+class Approval(models.Model):
+    class Decision(models.TextChoices):
+        APPROVE = "approve"
+        REJECT = "reject"
+
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="approvals")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="+")
+    decision = models.CharField(max_length=8, choices=Decision.choices)
+    comment = models.TextField(blank=True)
+    at = models.DateTimeField(auto_now_add=True)
+
+
+class LogLine(models.Model):
+    release = models.ForeignKey(Release, on_delete=models.CASCADE, related_name="log_lines")
+    seq = models.BigIntegerField()
+    step = models.CharField(max_length=64)
+    host = models.CharField(max_length=200, blank=True)
+    stream = models.CharField(max_length=8)  # stdout, stderr, info
+    text = models.TextField()
+    at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["release", "seq"], name="one_line_per_seq")]
+        ordering = ["seq"]
+
+
+class AuditEvent(models.Model):
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_name = models.CharField(max_length=150, help_text="kept when the user is deleted; 'greenlight' for the engine")
+    source_ip = models.GenericIPAddressField(null=True, blank=True)
+    action = models.CharField(max_length=64, db_index=True)
+    target = models.CharField(max_length=300, blank=True)
+    environment = models.ForeignKey(Environment, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    release = models.ForeignKey(Release, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit_events")
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]

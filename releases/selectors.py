@@ -1,0 +1,114 @@
+"""Read-side queries for pages and the API: plain dicts, a fixed number of queries."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db.models import Prefetch, QuerySet
+
+from .logs import line_dict
+from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, Step
+
+LOG_PAGE = 5000
+
+
+def environment_dict(environment: Environment) -> dict:
+    return {
+        "name": environment.name,
+        "region": environment.region,
+        "load_balancer": environment.load_balancer_name or environment.target_group_arn,
+        "public_url": environment.public_url,
+        "desired_count": environment.desired_count,
+        "base_ami": environment.base_ami,
+        "last_baked_ami": environment.last_baked_ami,
+        "recipe": environment.recipe.name,
+        "four_eyes": environment.four_eyes,
+        "gate_timeout": environment.gate_timeout,
+    }
+
+
+def environments() -> list[dict]:
+    return [environment_dict(e) for e in Environment.objects.select_related("recipe").order_by("name")]
+
+
+def release_for_detail(release_id: int) -> Release:
+    return Release.objects.select_related("environment", "requested_by").prefetch_related(
+        Prefetch("steps", queryset=Step.objects.prefetch_related(
+            Prefetch("approvals", queryset=Approval.objects.select_related("user").order_by("at")))),
+        Prefetch("instances", queryset=Instance.objects.order_by("created_at")),
+    ).get(pk=release_id)
+
+
+def _time(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def release_dict(release: Release) -> dict:
+    steps = list(release.steps.all())
+    return {
+        "id": release.pk,
+        "environment": release.environment.name,
+        "revision": release.revision,
+        "strategy": release.strategy,
+        "fleet_size": release.fleet_size,
+        "status": release.status,
+        "error": release.error,
+        "cancel_requested": release.cancel_requested,
+        "requested_by": release.requested_by.get_username(),
+        "created_at": _time(release.created_at),
+        "finished_at": _time(release.finished_at),
+        "log_seq": release.log_seq,
+        "image": release.state.get("image", ""),
+        "steps": [
+            {
+                "key": s.key, "kind": s.kind, "status": s.status, "attempts": s.attempts, "error": s.error,
+                "started_at": _time(s.started_at), "finished_at": _time(s.finished_at),
+            }
+            for s in steps
+        ],
+        "gates": [
+            {
+                "key": s.key, "status": s.status, "deadline": _time(s.deadline), "card": s.result,
+                "decisions": [
+                    {"by": a.user.get_username() if a.user else "greenlight", "decision": a.decision, "comment": a.comment, "at": _time(a.at)}
+                    for a in s.approvals.all()
+                ],
+            }
+            for s in steps if s.kind == Step.Kind.GATE
+        ],
+        "instances": [
+            {"id": i.instance_id, "name": i.name, "role": i.role, "address": i.address, "state": i.state}
+            for i in release.instances.all()
+        ],
+    }
+
+
+def log_lines(release_id: int, *, after: int = 0, limit: int = LOG_PAGE) -> dict:
+    lines = list(LogLine.objects.filter(release_id=release_id, seq__gt=after).order_by("seq")[: min(limit, LOG_PAGE)])
+    return {"lines": [line_dict(line) for line in lines], "next": lines[-1].seq if lines else after}
+
+
+def audit_events(*, environment: str = "", actor: str = "", action: str = "", release: int | None = None,
+                 since: datetime | None = None, until: datetime | None = None) -> QuerySet:
+    events = AuditEvent.objects.select_related("environment")
+    if environment:
+        events = events.filter(environment__name=environment)
+    if actor:
+        events = events.filter(actor_name=actor)
+    if action:
+        events = events.filter(action__startswith=action)
+    if release:
+        events = events.filter(release_id=release)
+    if since:
+        events = events.filter(at__gte=since)
+    if until:
+        events = events.filter(at__lt=until)
+    return events
+
+
+def audit_dict(event: AuditEvent) -> dict:
+    return {
+        "id": event.pk, "at": _time(event.at), "actor": event.actor_name, "source_ip": event.source_ip,
+        "action": event.action, "target": event.target, "environment": event.environment.name if event.environment else None,
+        "release": event.release_id, "details": event.details,
+    }

@@ -1,0 +1,86 @@
+"""Helpers for tests that run whole releases through a real worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import requests
+from django.contrib.auth.models import Group, User
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from releases.models import Release
+from tests.helpers import wait_for
+
+
+def person(username: str, *roles: str) -> User:
+    user = User.objects.create_user(username, password="a-long-passphrase")
+    user.groups.add(*(Group.objects.get_or_create(name=role)[0] for role in roles))
+    return user
+
+
+def api(user: User | None = None) -> APIClient:
+    client = APIClient()
+    if user is not None:
+        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    return client
+
+
+def wait_status(release_id: int, *statuses: str, timeout: float = 120) -> Release:
+    def reached():
+        release = Release.objects.get(pk=release_id)
+        return release if release.status in statuses else None
+
+    try:
+        return wait_for(reached, timeout, 0.2, f"release {release_id} to be {' or '.join(statuses)}")
+    except AssertionError:
+        release = Release.objects.get(pk=release_id)
+        steps = ", ".join(f"{s.key}={s.status}" for s in release.steps.all())
+        raise AssertionError(f"release {release_id} is {release.status} ({release.error}); steps: {steps}") from None
+
+
+def wait_gate(release_id: int, key: str, timeout: float = 120) -> Release:
+    release = wait_status(release_id, Release.Status.AWAITING_APPROVAL, timeout=timeout)
+    step = release.steps.get(key=key)
+    assert step.status == "awaiting_approval", f"{key} is {step.status}"
+    return release
+
+
+def revisions_behind(url: str, n: int = 12) -> set[str]:
+    return {requests.get(url, timeout=10).headers.get("X-Revision", "?") for _ in range(n)}
+
+
+class LoadLoop:
+    """Requests against the load balancer, until stopped or a bounded count."""
+
+    def __init__(self, url: str, max_requests: int = 50_000, pause: float = 0.01):
+        self.url, self.max_requests, self.pause = url, max_requests, pause
+        self.ok = 0
+        self.failures: list[str] = []
+        self.revisions: set[str] = set()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        for _ in range(self.max_requests):
+            if self.stopping.is_set():
+                return
+            try:
+                response = requests.get(self.url, timeout=10)
+                if response.status_code == 200:
+                    self.ok += 1
+                    self.revisions.add(response.headers.get("X-Revision", "?"))
+                else:
+                    self.failures.append(f"{response.status_code} {response.text[:80]}")
+            except requests.RequestException as exc:
+                self.failures.append(repr(exc))
+            time.sleep(self.pause)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(30)
