@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
 from .errors import AdapterError
 
@@ -136,7 +137,7 @@ class Cloud:
             if exc.response.get("Error", {}).get("Code") in ok_codes:
                 return {}
             raise _error(exc, f"{action} {resource}") from None
-        except BotoCoreError as exc:
+        except (BotoCoreError, ResponseParserError) as exc:
             raise _error(exc, f"{action} {resource}") from None
         self.on_mutation(action, resource, response.get("ResponseMetadata", {}).get("RequestId", ""))
         return response
@@ -144,7 +145,7 @@ class Cloud:
     def _read(self, doing: str, call, *args, **kwargs) -> dict:
         try:
             return call(*args, **kwargs)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, ResponseParserError) as exc:
             raise _error(exc, doing) from None
 
     # -- instances -------------------------------------------------------------
@@ -154,7 +155,7 @@ class Cloud:
         if states:
             filters.append({"Name": "instance-state-name", "Values": list(states)})
         kwargs = {"Filters": filters} if filters else {}
-        ids = list(ids)
+        ids = sorted(set(ids))
         if ids:
             kwargs["InstanceIds"] = ids
         response = self._read("describe instances", self.ec2.describe_instances, **kwargs)
@@ -195,7 +196,7 @@ class Cloud:
         return _instance_info(response["Instances"][0])
 
     def wait_for_state(self, ids: Iterable[str], state: str, timeout: float = 300) -> list[InstanceInfo]:
-        ids = list(ids)
+        ids = sorted(set(ids))
         deadline = time.monotonic() + timeout
         while True:
             found = self.instances(ids=ids) if ids else []
@@ -283,7 +284,8 @@ class Cloud:
     def registered(self) -> list[str]:
         if self.elb:
             described = self._read("describe load balancer", self.elb.describe_load_balancers, LoadBalancerNames=[self.load_balancer_name])
-            return [i["InstanceId"] for i in described["LoadBalancerDescriptions"][0]["Instances"]]
+            # moto lists an instance twice if it was registered twice; AWS never does
+            return list(dict.fromkeys(i["InstanceId"] for i in described["LoadBalancerDescriptions"][0]["Instances"]))
         health = self._read("describe target health", self.elbv2.describe_target_health, TargetGroupArn=self.target_group_arn)
         return [t["Target"]["Id"] for t in health["TargetHealthDescriptions"] if t["TargetHealth"]["State"] != "draining"]
 
@@ -302,7 +304,8 @@ class Cloud:
         }
 
     def register(self, ids: Iterable[str]) -> None:
-        if not (ids := list(ids)):
+        registered = set(self.registered())
+        if not (ids := [i for i in dict.fromkeys(ids) if i not in registered]):
             return
         if self.elb:
             self._mutate("RegisterInstancesWithLoadBalancer", self._lb, self.elb.register_instances_with_load_balancer,

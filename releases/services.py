@@ -91,18 +91,24 @@ def release_create(*, environment: Environment, revision: str, strategy: str = "
     return release
 
 
-def _open_gate(release: Release, key: str) -> Step:
+def _gate(release: Release, key: str) -> Step:
     if key not in plan.GATES:
         raise NotFound(f"{key!r} is not a gate; the gates are {', '.join(sorted(plan.GATES))}")
     step = release.steps.filter(key=key).first()
     if step is None:
         raise NotFound(f"release {release.pk} has no gate {key!r}")
+    return step
+
+
+def _open_gate(release: Release, key: str) -> Step:
+    step = _gate(release, key)
     if step.status != S.AWAITING_APPROVAL:
         raise Conflict(f"the gate {key} is not open (it is {step.status})", status=step.status)
     return step
 
 
-def _may_decide(release: Release, actor) -> None:
+def _may_decide(release: Release, key: str, actor) -> None:
+    _gate(release, key)
     if not permissions.can_approve(actor):
         raise NotAllowed("deciding a gate needs the approver role")
     if release.plan["environment"]["four_eyes"] and release.requested_by_id == actor.pk:
@@ -111,7 +117,7 @@ def _may_decide(release: Release, actor) -> None:
 
 @transaction.atomic
 def gate_approve(*, release: Release, key: str, actor, comment: str = "", source_ip: str | None = None) -> Step:
-    _may_decide(release, actor)
+    _may_decide(release, key, actor)
     step = _open_gate(release, key)
     if not transitions.step(step.pk, from_=(S.AWAITING_APPROVAL,), to=S.SUCCEEDED, finished_at=timezone.now()):
         raise Conflict(f"the gate {key} was decided a moment ago")
@@ -124,7 +130,7 @@ def gate_approve(*, release: Release, key: str, actor, comment: str = "", source
 
 @transaction.atomic
 def gate_reject(*, release: Release, key: str, actor, comment: str = "", source_ip: str | None = None) -> Step:
-    _may_decide(release, actor)
+    _may_decide(release, key, actor)
     step = _open_gate(release, key)
     reason = f"rejected by {actor.get_username()}" + (f": {comment}" if comment else "")
     if not transitions.step(step.pk, from_=(S.AWAITING_APPROVAL,), to=S.FAILED, error=reason, finished_at=timezone.now()):

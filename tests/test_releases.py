@@ -109,3 +109,165 @@ def test_a_bake_release_and_then_a_release_from_its_image(prepan, dana, ravi):
     approve(ravi, second, "swap_elb")
     wait_status(second, Release.Status.SUCCEEDED)
     assert revisions_behind(prepan.public_url) == {before}
+
+
+def reject(user, release_id: int, key: str) -> None:
+    response = api(user).post(f"/api/releases/{release_id}/gates/{key}/reject", {"comment": "not right"}, format="json")
+    assert response.status_code == 200, response.json()
+
+
+def test_rejecting_the_direct_check_rolls_back(prepan, dana, ravi):
+    before = serving(prepan)
+    release_id = start(dana, "v2" if before == "v1" else "v1")
+    wait_gate(release_id, "verify_directly")
+
+    reject(ravi, release_id, "verify_directly")
+
+    release = wait_status(release_id, Release.Status.ROLLED_BACK)
+    assert release.steps.get(key="verify_directly").error == "rejected by ravi: not right"
+    assert revisions_behind(prepan.public_url) == {before}
+    assert_nothing_left(prepan, release)
+
+
+def test_rejecting_the_swap_rolls_back_with_no_failed_request(prepan, dana, ravi):
+    before = serving(prepan)
+    with LoadLoop(prepan.public_url) as load:
+        release_id = start(dana, "v2" if before == "v1" else "v1")
+        wait_gate(release_id, "verify_directly")
+        approve(ravi, release_id, "verify_directly")
+        wait_gate(release_id, "swap_elb")
+        reject(ravi, release_id, "swap_elb")
+        release = wait_status(release_id, Release.Status.ROLLED_BACK)
+    assert load.failures == []
+    assert revisions_behind(prepan.public_url) == {before}
+    assert_nothing_left(prepan, release)
+
+
+def test_a_gate_nobody_decides_rejects_itself_at_its_deadline(prepan, dana):
+    Environment.objects.filter(pk=prepan.pk).update(gate_timeout=2)
+    before = serving(prepan)
+    release_id = start(dana, "v2" if before == "v1" else "v1")
+
+    release = wait_status(release_id, Release.Status.ROLLED_BACK)
+
+    assert release.steps.get(key="verify_directly").error == "nobody decided before the gate's deadline"
+    assert AuditEvent.objects.filter(release=release, action="gate.expire").exists()
+    assert revisions_behind(prepan.public_url) == {before}
+    assert_nothing_left(prepan, release)
+
+
+def test_cancelling_during_the_deploy_stops_and_cleans_up(prepan, dana):
+    before = serving(prepan)
+    release_id = start(dana, "v2" if before == "v1" else "v1")
+    wait_for_step(release_id, "deploy", "running")
+
+    response = api(dana).post(f"/api/releases/{release_id}/cancel")
+
+    assert response.status_code == 200
+    release = wait_status(release_id, Release.Status.CANCELLED)
+    assert release.steps.get(key="deploy").status in ("failed", "succeeded")
+    assert release.steps.get(key="verify_directly").status == "pending"
+    assert revisions_behind(prepan.public_url) == {before}
+    assert_nothing_left(prepan, release)
+
+
+def wait_for_step(release_id: int, key: str, status: str, timeout: float = 60):
+    from tests.helpers import wait_for
+
+    return wait_for(lambda: Release.objects.get(pk=release_id).steps.filter(key=key, status=status).first(), timeout, 0.05,
+                    f"{key} to be {status}")
+
+
+def test_rolling_back_a_finished_release_brings_the_old_fleet_back(prepan, dana, ravi):
+    before = serving(prepan)
+    old = set(cloud(prepan).registered())
+    release_id = start(dana, "v2" if before == "v1" else "v1", clone_count=1)
+    wait_gate(release_id, "verify_directly")
+    approve(ravi, release_id, "verify_directly")
+    wait_gate(release_id, "swap_elb")
+    approve(ravi, release_id, "swap_elb")
+    wait_status(release_id, Release.Status.SUCCEEDED)
+
+    with LoadLoop(prepan.public_url) as load:
+        response = api(dana).post(f"/api/releases/{release_id}/rollback")
+        assert response.status_code == 200, response.json()
+        release = wait_status(release_id, Release.Status.ROLLED_BACK)
+
+    assert load.failures == []
+    assert revisions_behind(prepan.public_url) == {before}
+    assert set(cloud(prepan).registered()) == old
+    assert_nothing_left(prepan, release)
+
+
+def test_a_failing_deploy_fails_its_step_with_the_reason_and_a_retry_after_the_fix_succeeds(prepan, dana, release_sandbox):
+    release_id = start(dana, "v9")
+
+    release = wait_status(release_id, Release.Status.FAILED)
+
+    deploy = release.steps.get(key="deploy")
+    assert deploy.status == "failed"
+    assert "deploy:update failed on" in deploy.error and "v9" in deploy.error
+    stderr = LogLine.objects.filter(release=release, step="deploy", stream="stderr").values_list("text", flat=True)
+    assert any("v9" in line for line in stderr)
+
+    import subprocess
+
+    repository = release_sandbox.info["repository"].removeprefix("file://")
+    subprocess.run(["git", "-C", repository, "tag", "-f", "v9", "v2"], check=True, capture_output=True)
+    try:
+        response = api(dana).post(f"/api/releases/{release_id}/retry")
+        assert response.status_code == 200, response.json()
+        release = wait_gate(release_id, "verify_directly")
+        assert release.steps.get(key="deploy").attempts == 2
+    finally:
+        subprocess.run(["git", "-C", repository, "tag", "-d", "v9"], check=True, capture_output=True)
+    api(dana).post(f"/api/releases/{release_id}/cancel")
+    wait_status(release_id, Release.Status.CANCELLED)
+
+
+def test_a_revision_cannot_inject_a_command(prepan, dana, release_sandbox):
+    release_id = start(dana, "v2;touch${IFS}pwned")
+
+    release = wait_status(release_id, Release.Status.FAILED)
+
+    assert release.steps.get(key="deploy").status == "failed"
+    canary = {"PrivateIpAddress": release.instances.get(role="canary").address}
+    result, lines = release_sandbox.run(canary, "find . -name pwned | wc -l")
+    assert lines == [("stdout", "0")]
+    api(dana).post(f"/api/releases/{release_id}/rollback")
+    wait_status(release_id, Release.Status.ROLLED_BACK)
+
+
+def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, dana):
+    """The worker died between the AWS call and recording its result."""
+    from releases import engine, plan, steps
+    from releases.logs import LogWriter
+    from releases.models import Instance
+
+    frozen = plan.freeze(prepan, strategy="bake", revision="v2", fleet_size=1)
+    # cancelled from the start, so the running worker leaves it alone
+    release = Release.objects.create(environment=prepan, revision="v2", fleet_size=1, plan=frozen, requested_by=dana,
+                                     status=Release.Status.CANCELLED)
+    for n, step in enumerate(frozen["steps"]):
+        release.steps.create(position=n, key=step["key"], kind=step["kind"])
+
+    def run(key):
+        context = steps.Context(release=release, step=release.steps.get(key=key), cloud=engine.cloud_for(release), log=LogWriter(release.pk))
+        return steps.ACTIONS[key](context)
+
+    first = run("launch")
+    release.state = {}  # what the crash lost
+    Release.objects.filter(pk=release.pk).update(state={})
+    Instance.objects.filter(release=release).delete()
+    second = run("launch")
+
+    assert second["instance"] == first["instance"]
+    c = cloud(prepan)
+    assert [i.id for i in c.instances(tags={aws.TAG_RELEASE: str(release.pk)})] == [first["instance"]]
+
+    image = run("bake_image")["image"]
+    release.state.pop("image")
+    assert run("bake_image")["image"] == image
+    named = c.ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [f"greenlight-prepan-release-{release.pk}"]}])
+    assert len(named["Images"]) == 1
+    c.terminate([first["instance"]])

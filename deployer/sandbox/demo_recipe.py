@@ -52,6 +52,7 @@ RECIPE = {
                 "'+refs/heads/*:refs/heads/*'",
                 "git -C {deploy_to}/repo checkout --quiet --force --detach {revision}",
                 "git -C {deploy_to}/repo log -1 --format='deployed %h %s'",
+                "printf '%s\\n' {revision} > {deploy_to}/shared/REVISION",
             ],
         },
         "deploy:setup:db": {

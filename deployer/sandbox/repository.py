@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -30,9 +31,12 @@ def _git(*args: str, cwd: Path) -> str:
 
 def ensure(path: Path) -> str:
     """Create the bare repository at `path` unless it already has every revision."""
+    fingerprint = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(SOURCE.iterdir()) if f.is_file())).hexdigest()
+    marker = path / "greenlight-source"
     if path.exists():
         tags = _git("tag", "--list", cwd=path).split()
-        if all(revision in tags for revision in REVISIONS):
+        current = marker.exists() and marker.read_text() == fingerprint
+        if current and all(revision in tags for revision in REVISIONS):
             return path.as_uri()
         shutil.rmtree(path)
     with tempfile.TemporaryDirectory() as work:
@@ -48,4 +52,5 @@ def ensure(path: Path) -> str:
             _git("tag", revision, cwd=work)
         path.parent.mkdir(parents=True, exist_ok=True)
         _git("clone", "--quiet", "--bare", str(work), str(path), cwd=work.parent)
+    marker.write_text(fingerprint)
     return path.as_uri()

@@ -66,6 +66,15 @@ class Handler(BaseHTTPRequestHandler):
 INSTANCE_ID = os.environ.get("INSTANCE_ID", socket.gethostname())
 
 
+def deployed_revision(config_path):
+    """The name it was deployed as (a tag may point at another's code)."""
+    try:
+        with open(os.path.join(os.path.dirname(config_path), "REVISION")) as marker:
+            return marker.read().strip() or REVISION
+    except OSError:
+        return REVISION
+
+
 def serve(config):
     address = (os.environ.get("INSTANCE_IP", "0.0.0.0"), int(config["port"]))
     deadline = time.monotonic() + 15
@@ -113,6 +122,9 @@ def main():
     parser.add_argument("--wait-ready", action="store_true")
     args = parser.parse_args()
     config = read_config(args.config)
+    global REVISION
+    REVISION = deployed_revision(args.config)
+    Handler.server_version = "prepan-demo/" + REVISION
     if args.setup_db:
         return setup_db(config)
     if args.wait_ready:

@@ -1,0 +1,74 @@
+"""The live feed at /ws/releases/<id>/: who may listen, replay, then live events."""
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from deployer.asgi import application
+from releases import broadcast, services
+from releases.logs import LogWriter
+from tests.release_helpers import person
+from tests.test_api import environment  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+
+
+def session_cookie(user) -> tuple[bytes, bytes]:
+    client = Client()
+    client.force_login(user)
+    return (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode())
+
+
+@pytest.fixture
+def release(environment):  # noqa: F811
+    dana = person("dana", "deployer", "approver")
+    release = services.release_create(environment=environment, revision="v2", actor=dana)
+    writer = LogWriter(release.pk)
+    for n in range(1, 2501):
+        writer.write("deploy", f"line {n}", host="app-3", stream="stdout")
+    writer.flush()
+    return release
+
+
+def connect(release_id: int, *headers):
+    return WebsocketCommunicator(application, f"/ws/releases/{release_id}/", headers=[(b"host", b"127.0.0.1:8000"), *headers])
+
+
+async def test_a_stranger_is_refused(release):
+    communicator = connect(release.pk, ORIGIN)
+    connected, _ = await communicator.connect()
+    assert not connected
+
+
+async def test_a_page_from_another_origin_is_refused(release):
+    from asgiref.sync import sync_to_async
+
+    cookie = await sync_to_async(session_cookie)(await sync_to_async(person)("vic", "viewer"))
+    communicator = connect(release.pk, (b"origin", b"http://evil.example"), cookie)
+    connected, _ = await communicator.connect()
+    assert not connected
+
+
+async def test_a_viewer_gets_the_missed_lines_then_live_ones(release):
+    from asgiref.sync import sync_to_async
+
+    cookie = await sync_to_async(session_cookie)(await sync_to_async(person)("vic", "viewer"))
+    communicator = connect(release.pk, ORIGIN, cookie)
+    connected, _ = await communicator.connect()
+    assert connected
+
+    await communicator.send_json_to({"after": 1000})
+    seqs = []
+    while True:
+        message = await communicator.receive_json_from(timeout=5)
+        if message["type"] == "replayed":
+            break
+        seqs += [line["seq"] for line in message["lines"]]
+    assert seqs == list(range(1001, 2501))
+
+    await sync_to_async(broadcast.log_lines)(release.pk, [{"seq": 2501, "text": "live"}])
+    live = await communicator.receive_json_from(timeout=5)
+    assert live == {"type": "log", "lines": [{"seq": 2501, "text": "live"}]}
+    await communicator.disconnect()
