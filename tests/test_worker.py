@@ -13,7 +13,7 @@ from tests.helpers import ROOT, wait_for
 @pytest.fixture
 def worker(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "deployer", "worker", "--pool", "solo", "-n", "test-worker@%h", "--loglevel", "warning"],
+        [sys.executable, "-m", "celery", "-A", "deployer", "worker", "--pool", "solo", "-n", f"test-worker-{os.getpid()}@%h", "--loglevel", "warning"],
         cwd=ROOT,
         env={**os.environ, "GREENLIGHT_VAR_DIR": str(tmp_path)},
         stdout=subprocess.DEVNULL,
@@ -25,6 +25,8 @@ def worker(tmp_path):
 
 
 def test_a_worker_comes_up_on_the_redis_broker(worker):
-    replies = wait_for(lambda: app.control.ping(timeout=0.5), timeout=60, message="a worker to answer ping")
+    name = f"test-worker-{os.getpid()}@{os.uname().nodename}"
 
-    assert any(name.startswith("test-worker@") for reply in replies for name in reply)
+    replies = wait_for(lambda: app.control.ping(timeout=0.5, destination=[name]), timeout=60, message="the worker to answer ping")
+
+    assert replies == [{name: {"ok": "pong"}}]
