@@ -4,6 +4,7 @@ A recipe is plain data (it is stored as JSON on the Recipe model)::
 
     {
       "params": {"deploy_to": "srv/prepan", "branch": "main"},
+      "roles": {"canary": {"branch": "release"}},
       "tasks": {
         "deploy:update": {"run": "remote", "commands": ["git -C {deploy_to} checkout {revision}"]},
         "provision:prepare": {"run": "local", "commands": ["knife solo prepare {ssh_user}@{host} -i {ssh_key_file}"]}
@@ -11,7 +12,8 @@ A recipe is plain data (it is stored as JSON on the Recipe model)::
       "phases": {"provision": ["provision:prepare"], "deploy": ["deploy:update"]}
     }
 
-A *remote* task runs over SSH on every host of the role; a *local* task runs
+A role names the hosts a step targets (`canary`, `new`, `old`) and may set
+its own parameter values, like a Cinnamon role. A *remote* task runs over SSH on every host of the role; a *local* task runs
 on the worker once per host. Templates may use only the recipe's declared
 parameters and the built-ins below, and every value is shell-quoted when it
 is filled in, so a parameter can never add a command.
@@ -75,7 +77,7 @@ def validate(recipe: object) -> dict:
     """Return the recipe if it is well formed, else raise RecipeError."""
     if not isinstance(recipe, dict):
         raise RecipeError("a recipe is an object with params, tasks and phases")
-    unknown = set(recipe) - {"params", "tasks", "phases"}
+    unknown = set(recipe) - {"params", "roles", "tasks", "phases"}
     if unknown:
         raise RecipeError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
     params = recipe.get("params", {})
@@ -85,7 +87,17 @@ def validate(recipe: object) -> dict:
         raise RecipeError("params maps parameter names to strings or numbers")
     if clash := set(params) & BUILTIN_PARAMS:
         raise RecipeError(f"params may not redefine built-ins: {', '.join(sorted(clash))}")
-    known = set(params) | BUILTIN_PARAMS
+    roles = recipe.get("roles", {})
+    if not isinstance(roles, dict) or not all(
+        isinstance(r, str) and isinstance(v, dict)
+        and all(isinstance(k, str) and k.isidentifier() and isinstance(x, (str, int)) for k, x in v.items())
+        for r, v in roles.items()
+    ):
+        raise RecipeError("roles maps a role name to its parameter values")
+    for role, values in roles.items():
+        if clash := set(values) & BUILTIN_PARAMS:
+            raise RecipeError(f"role {role} may not redefine built-ins: {', '.join(sorted(clash))}")
+    known = set(params) | BUILTIN_PARAMS | {k for values in roles.values() for k in values}
     tasks = recipe.get("tasks")
     if not isinstance(tasks, dict) or not tasks:
         raise RecipeError("tasks maps task names to {run, commands}")
@@ -115,9 +127,9 @@ def validate(recipe: object) -> dict:
     return recipe
 
 
-def render(recipe: dict, phase: str, values: dict) -> list[Command]:
-    """The commands of one phase for one host, every value shell-quoted."""
-    params = {**recipe.get("params", {}), **values}
+def render(recipe: dict, phase: str, values: dict, role: str = "") -> list[Command]:
+    """The commands of one phase for one host of `role`, every value shell-quoted."""
+    params = {**recipe.get("params", {}), **recipe.get("roles", {}).get(role, {}), **values}
     quoted = {key: shlex.quote(str(value)) for key, value in params.items()}
     commands = []
     for task_name in recipe.get("phases", {}).get(phase, []):

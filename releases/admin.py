@@ -1,15 +1,35 @@
 from django.contrib import admin
 
+from . import audit
 from .models import AuditEvent, Environment, Recipe, Release, Step
 
 
+class AuditedAdmin(admin.ModelAdmin):
+    """Changes made in the admin are audit events like any other."""
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        audit.record(
+            f"{obj._meta.model_name}.{'update' if change else 'create'}",
+            actor=request.user,
+            source_ip=request.META.get("REMOTE_ADDR"),
+            environment=obj if isinstance(obj, Environment) else None,
+            target=str(obj),
+            changed=sorted(form.changed_data),
+        )
+
+    def delete_model(self, request, obj):
+        audit.record(f"{obj._meta.model_name}.delete", actor=request.user, source_ip=request.META.get("REMOTE_ADDR"), target=str(obj))
+        super().delete_model(request, obj)
+
+
 @admin.register(Recipe)
-class RecipeAdmin(admin.ModelAdmin):
+class RecipeAdmin(AuditedAdmin):
     list_display = ("name", "updated_at")
 
 
 @admin.register(Environment)
-class EnvironmentAdmin(admin.ModelAdmin):
+class EnvironmentAdmin(AuditedAdmin):
     list_display = ("name", "region", "load_balancer_name", "desired_count", "last_baked_ami")
 
 

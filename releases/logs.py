@@ -23,12 +23,12 @@ BATCH_LINES = 500
 BATCH_SECONDS = 0.25
 REDACTED = "[redacted]"
 
-_PATTERNS = [
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key ids
-    re.compile(r"(?i)(aws_secret_access_key|secret[_-]?key|password|passwd|token|authorization)(\s*[:=]\s*|\s+)(\S+)"),
-    # the shape of an AWS secret key; both cases required so a git sha (hex) survives
-    re.compile(r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[a-z])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"),
-]
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*).+")  # the whole value: "Token abc", "Basic ..."
+_BEARER = re.compile(r"(?i)\b(token|bearer)(\s+)[A-Za-z0-9._~+/-]{16,}=*")
+_PAIR = re.compile(r"(?i)\b(aws_secret_access_key|secret[_-]?key|password|passwd|pwd|token|api[_-]?key)(\s*[:=]\s*)(\S+)")
+# the shape of an AWS secret key; both cases required so a git sha (hex) survives
+_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[a-z])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 _KEY_BEGIN = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 _KEY_END = re.compile(r"-----END [A-Z ]*PRIVATE KEY-----")
 
@@ -50,9 +50,11 @@ class Redactor:
             return REDACTED
         for secret in self.secrets:
             text = text.replace(secret, REDACTED)
-        text = _PATTERNS[0].sub(REDACTED, text)
-        text = _PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
-        return _PATTERNS[2].sub(REDACTED, text)
+        text = _AWS_KEY_ID.sub(REDACTED, text)
+        text = _HEADER.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+        text = _PAIR.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+        return _AWS_SECRET.sub(REDACTED, text)
 
 
 class LogWriter:

@@ -166,7 +166,7 @@ def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
             "app_port": ctx.env["app_port"],
             "environment": ctx.env["name"],
         }
-        for command in recipe.render(definition, phase, values):
+        for command in recipe.render(definition, phase, values, role=row.role):
             ctx.check_cancel()
             ctx.log.write(ctx.key, f"$ {command.text}", host=row.name, stream="info")
             stderr: list[str] = []

@@ -177,3 +177,25 @@ def test_logs_page_after_a_sequence_number(environment, dana):
     assert [line["seq"] for line in page["lines"]] == [3, 4, 5]
     assert page["lines"][0] == {**page["lines"][0], "step": "deploy", "host": "app-3", "stream": "stdout", "text": "line 2"}
     assert page["next"] == 5
+
+
+def test_an_environment_change_in_the_admin_is_audited_with_what_changed(environment, admin_client):
+    from django.forms.models import model_to_dict
+
+    from releases.models import AuditEvent
+
+    data = {k: v for k, v in model_to_dict(environment).items() if v is not None}
+    data.update(desired_count=3, security_group_ids="[]")
+    response = admin_client.post(f"/admin/releases/environment/{environment.pk}/change/", data)
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    event = AuditEvent.objects.get(action="environment.update")
+    assert (event.actor_name, event.environment) == ("admin", environment)
+    assert "desired_count" in event.details["changed"]
+
+
+def test_a_recipe_with_an_undeclared_parameter_is_refused_with_the_reason():
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="deploy:update: undeclared parameter brnach"):
+        Recipe.objects.create(name="bad", definition={"tasks": {"deploy:update": {"commands": ["git checkout {brnach}"]}}})

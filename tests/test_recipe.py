@@ -59,3 +59,23 @@ def test_a_remote_or_local_kind_is_required():
     recipe["tasks"]["deploy:update"]["run"] = "elsewhere"
     with pytest.raises(RecipeError, match="run must be remote or local"):
         validate(recipe)
+
+
+def test_a_role_sets_its_own_parameter_values():
+    recipe = recipe_with("git checkout {branch} in {deploy_to}", params={"deploy_to": "/srv/app", "branch": "main"})
+    recipe["roles"] = {"canary": {"branch": "release candidate"}}
+    validate(recipe)
+
+    [canary] = render(recipe, "deploy", {}, role="canary")
+    [other] = render(recipe, "deploy", {}, role="new")
+
+    assert canary.text == "git checkout 'release candidate' in /srv/app"
+    assert other.text == "git checkout main in /srv/app"
+
+
+def test_a_parameter_known_only_to_a_role_has_no_value_elsewhere():
+    recipe = validate({**recipe_with("echo {color}"), "roles": {"canary": {"color": "green"}}})
+
+    assert render(recipe, "deploy", {}, role="canary")[0].text == "echo green"
+    with pytest.raises(RecipeError, match="no value for color"):
+        render(recipe, "deploy", {}, role="old")

@@ -271,3 +271,28 @@ def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, d
     named = c.ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [f"greenlight-prepan-release-{release.pk}"]}])
     assert len(named["Images"]) == 1
     c.terminate([first["instance"]])
+
+
+def test_a_command_printing_100000_lines_reaches_the_log_complete_and_in_order(prepan, dana, release_sandbox):
+    from releases import engine, plan, steps
+    from releases.logs import LogWriter
+    from releases.models import Instance
+
+    frozen = plan.freeze(prepan, strategy="bake", revision="v2", fleet_size=1)
+    frozen["recipe"] = {"tasks": {"flood": {"commands": ["seq 100000", "echo done >&2"]}}, "phases": {"deploy": ["flood"]}}
+    release = Release.objects.create(environment=prepan, revision="v2", fleet_size=1, plan=frozen, requested_by=dana,
+                                     status=Release.Status.CANCELLED)
+    step = release.steps.create(position=0, key="deploy", kind="action")
+    host = release_sandbox.launch(name="flood")
+    row = Instance.objects.create(release=release, instance_id=host["InstanceId"], name="flood", role="canary", address=host["PrivateIpAddress"])
+    context = steps.Context(release=release, step=step, cloud=engine.cloud_for(release), log=LogWriter(release.pk))
+
+    steps.run_phase(context, "deploy", [row])
+    context.log.flush()
+
+    out = list(LogLine.objects.filter(release=release, stream="stdout").order_by("seq").values_list("text", flat=True))
+    assert out == [str(n) for n in range(1, 100001)]
+    assert LogLine.objects.filter(release=release, stream="stderr").values_list("text", flat=True).get() == "done"
+    seqs = list(LogLine.objects.filter(release=release).values_list("seq", flat=True))
+    assert seqs == list(range(1, len(seqs) + 1))
+    context.cloud.terminate([host["InstanceId"]])
