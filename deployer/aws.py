@@ -221,6 +221,19 @@ class Cloud:
         if ids := list(ids):
             self._mutate("TerminateInstances", ",".join(ids), self.ec2.terminate_instances, InstanceIds=ids)
 
+    def console_host_keys(self, instance_id: str) -> list[str]:
+        """The SSH host keys cloud-init printed to the console, if it has yet."""
+        output = self._read("get console output", self.ec2.get_console_output, InstanceId=instance_id).get("Output") or ""
+        keys, inside = [], False
+        for line in output.splitlines():
+            if "-----BEGIN SSH HOST KEY KEYS-----" in line:
+                inside = True
+            elif "-----END SSH HOST KEY KEYS-----" in line:
+                inside = False
+            elif inside and line.startswith(("ssh-", "ecdsa-")):
+                keys.append(" ".join(line.split()[:2]))
+        return keys
+
     # -- images ----------------------------------------------------------------
 
     def bake(self, instance_id: str, name: str, tags: dict, timeout: float = 1800) -> str:

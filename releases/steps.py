@@ -131,6 +131,14 @@ def target(ctx: Context, row: Instance) -> ssh.Target:
 
 def wait_for_ssh(ctx: Context, row: Instance, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
+    if not row.host_key:
+        # pin before the first contact when the console shows the key; else trust on first use
+        keys = ctx.cloud.console_host_keys(row.instance_id)
+        preferred = [k for k in keys if k.startswith("ssh-ed25519")] or keys
+        if preferred:
+            Instance.objects.filter(pk=row.pk).update(host_key=preferred[0])
+            row.host_key = preferred[0]
+            ctx.info(f"pinned {row.name}'s host key from its console output", host=row.name)
     while True:
         try:
             result = ssh.run(target(ctx, row), "true", timeout=30)

@@ -286,3 +286,13 @@ def test_a_request_still_open_when_the_draining_timeout_ends_is_cut(sandbox):
             LoadBalancerName=name,
             LoadBalancerAttributes={"ConnectionDraining": {"Enabled": True, "Timeout": info.get("draining_timeout", 5)}},
         )
+
+
+def test_the_console_output_shows_the_host_key_the_instance_presents(sandbox):
+    from deployer import aws
+
+    instance = sandbox.launch()
+    keys = aws.Cloud(sandbox.account()).console_host_keys(instance["InstanceId"])
+
+    presented = ssh.run(sandbox.target(instance), "true").host_key
+    assert keys == [presented]

@@ -48,6 +48,8 @@ class Cloud:
         self.on_image_created: Callable[[str, str], None] = lambda image_id, instance_id: None
         # (instance_id) -> (state, description) as the sandbox's load balancer sees it
         self.instance_health: Callable[[str, str], tuple[str, str] | None] = lambda lb, instance_id: None
+        # instance id -> its SSH host public keys, printed to the console as cloud-init does
+        self.host_keys: Callable[[str], list[str]] = lambda instance_id: []
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     # -- lifecycle -----------------------------------------------------------
@@ -124,6 +126,27 @@ class Cloud:
                     if seen:
                         state["State"] = seen[0]
             return states
+
+        from moto.ec2.responses import general
+
+        original_console = general.General.get_console_output
+        if getattr(original_console, "_greenlight", False):
+            original_console = original_console._original
+
+        def get_console_output(response):
+            instance_id = response._get_param("InstanceId")
+            keys = cloud.host_keys(instance_id)
+            if not keys:
+                return original_console(response)
+            response.ec2_backend.get_instance(instance_id)  # unknown ids fail as before
+            text = "\n".join([general.SAMPLE_CONSOLE_OUTPUT, "-----BEGIN SSH HOST KEY KEYS-----", *keys, "-----END SSH HOST KEY KEYS-----", ""])
+            return general.ActionResult(
+                {"InstanceId": instance_id, "Timestamp": general.utcnow(), "Output": general.Base64EncodedString.from_raw_string(text)}
+            )
+
+        get_console_output._greenlight = True
+        get_console_output._original = original_console
+        general.General.get_console_output = get_console_output
 
         for patched, original in (
             (create_image, original_create_image),

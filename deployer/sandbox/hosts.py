@@ -253,6 +253,11 @@ class Hosts:
         (self.dir / "instances").mkdir(parents=True, exist_ok=True)
         (self.dir / "images").mkdir(parents=True, exist_ok=True)
         cloud.on_image_created = self.snapshot
+        cloud.host_keys = self.host_public_keys
+
+    def host_public_keys(self, instance_id: str) -> list[str]:
+        path = self.dir / "instances" / instance_id / "ssh_host_ed25519_key.pub"
+        return [path.read_text().strip()] if path.exists() else []
 
     def snapshot(self, image_id: str, instance_id: str) -> None:
         """Called inside CreateImage: the image is the instance's disk right now."""
