@@ -318,24 +318,22 @@ class Cloud:
 
     def register(self, ids: Iterable[str]) -> None:
         registered = set(self.registered())
-        if not (ids := [i for i in dict.fromkeys(ids) if i not in registered]):
-            return
-        if self.elb:
-            self._mutate("RegisterInstancesWithLoadBalancer", self._lb, self.elb.register_instances_with_load_balancer,
-                         LoadBalancerName=self.load_balancer_name, Instances=[{"InstanceId": i} for i in ids])
-        else:
-            self._mutate("RegisterTargets", self._lb, self.elbv2.register_targets,
-                         TargetGroupArn=self.target_group_arn, Targets=[{"Id": i} for i in ids])
+        self._change_membership([i for i in dict.fromkeys(ids) if i not in registered], register=True)
 
     def deregister(self, ids: Iterable[str]) -> None:
-        if not (ids := list(ids)):
+        self._change_membership(list(dict.fromkeys(ids)), register=False)
+
+    def _change_membership(self, ids: list[str], *, register: bool) -> None:
+        if not ids:
             return
         if self.elb:
-            self._mutate("DeregisterInstancesFromLoadBalancer", self._lb, self.elb.deregister_instances_from_load_balancer,
-                         LoadBalancerName=self.load_balancer_name, Instances=[{"InstanceId": i} for i in ids])
+            call = self.elb.register_instances_with_load_balancer if register else self.elb.deregister_instances_from_load_balancer
+            action = "RegisterInstancesWithLoadBalancer" if register else "DeregisterInstancesFromLoadBalancer"
+            self._mutate(action, self._lb, call, LoadBalancerName=self.load_balancer_name, Instances=[{"InstanceId": i} for i in ids])
         else:
-            self._mutate("DeregisterTargets", self._lb, self.elbv2.deregister_targets,
-                         TargetGroupArn=self.target_group_arn, Targets=[{"Id": i} for i in ids])
+            call = self.elbv2.register_targets if register else self.elbv2.deregister_targets
+            action = "RegisterTargets" if register else "DeregisterTargets"
+            self._mutate(action, self._lb, call, TargetGroupArn=self.target_group_arn, Targets=[{"Id": i} for i in ids])
 
     def draining_timeout(self) -> float:
         if self.elb:

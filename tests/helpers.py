@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,13 @@ from deployer import aws, ssh
 
 ROOT = Path(__file__).resolve().parent.parent
 _started = iter(range(1_000_000))
+
+
+def free_port() -> int:
+    """A port nothing listens on (the moment it is asked)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 30, interval: float = 0.1, message: str = "condition"):

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -11,15 +10,9 @@ import pytest
 import requests
 
 from deployer.sandbox.hosts import processes_marked
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.sandbox
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_the_demo_serves_a_login_and_the_seeded_environment_then_stops_cleanly(tmp_path):

@@ -1,18 +1,12 @@
 """The project's web surface: health, sign-in, roles, static files."""
 
-import socket
-
 import pytest
 from django.contrib.auth.models import Group, User
 from django.urls import reverse
 
+from tests.helpers import free_port
+
 pytestmark = pytest.mark.django_db
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_healthz_is_ok_when_the_database_and_redis_answer(client):
@@ -23,7 +17,7 @@ def test_healthz_is_ok_when_the_database_and_redis_answer(client):
 
 
 def test_healthz_names_redis_when_it_is_down(client, settings):
-    settings.REDIS_URL = f"redis://:s3cret-password@127.0.0.1:{closed_port()}/0"
+    settings.REDIS_URL = f"redis://:s3cret-password@127.0.0.1:{free_port()}/0"
 
     response = client.get("/healthz")
 

@@ -168,18 +168,8 @@ class Host:
             x11_forwarding=False,
             reuse_address=True,
         )
-        rc_local = self.root / "etc" / "rc.local"
-        if rc_local.exists():
-            await asyncio.create_subprocess_exec(
-                "/bin/sh",
-                "etc/rc.local",
-                cwd=self.root,
-                env=self.env(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        if (self.root / "etc" / "rc.local").exists():
+            await self._spawn("etc/rc.local", streams=asyncio.subprocess.DEVNULL)
         log.info("%s (%s) is up: ssh %s@%s -p %s", self.id, view.name or "-", self.ssh_user, self.ip, self.hosts.ssh_port)
 
     async def halt(self) -> None:
@@ -190,23 +180,20 @@ class Host:
         await asyncio.get_running_loop().run_in_executor(None, kill_marked, self.hosts.dir, self.id)
         log.info("%s is down", self.id)
 
+    async def _spawn(self, *args: str, streams: int) -> asyncio.subprocess.Process:
+        """A shell in the instance's directory, in a session of its own, marked as the instance's."""
+        return await asyncio.create_subprocess_exec(
+            "/bin/sh", *args, cwd=self.root, env=self.env(),
+            stdin=streams, stdout=streams, stderr=streams, start_new_session=True,
+        )
+
     async def _run(self, process: asyncssh.SSHServerProcess) -> None:
         command = process.command
         if not command:
             process.stderr.write(b"the sandbox runs commands only; no interactive shell\n")
             process.exit(1)
             return
-        child = await asyncio.create_subprocess_exec(
-            "/bin/sh",
-            "-c",
-            command,
-            cwd=self.root,
-            env=self.env(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        child = await self._spawn("-c", command, streams=asyncio.subprocess.PIPE)
 
         async def pump(source, sink):
             while chunk := await source.read(65536):
