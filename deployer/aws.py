@@ -28,6 +28,7 @@ _CONFIG = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 5
 TAG_RELEASE = "greenlight:release"
 TAG_ENVIRONMENT = "greenlight:environment"
 TAG_SLOT = "greenlight:slot"
+TAG_REVISION = "greenlight:revision"
 SANDBOX_CREDENTIALS = ("sandbox", "sandbox")
 
 

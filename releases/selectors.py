@@ -112,3 +112,47 @@ def audit_dict(event: AuditEvent) -> dict:
         "action": event.action, "target": event.target, "environment": event.environment.name if event.environment else None,
         "release": event.release_id, "details": event.details,
     }
+
+
+# -- pages -----------------------------------------------------------------------
+
+ACTIVE = ("queued", "running", "awaiting_approval", "failed", "rolling_back")
+
+
+def waiting_on(user) -> list[Step]:
+    """Open gates this person may decide, oldest first."""
+    from . import permissions
+
+    if not permissions.can_approve(user):
+        return []
+    gates = Step.objects.filter(status=Step.Status.AWAITING_APPROVAL).select_related(
+        "release__environment", "release__requested_by").order_by("started_at")
+    return [g for g in gates if not (g.release.plan["environment"].get("four_eyes") and g.release.requested_by_id == user.pk)]
+
+
+def releases_for_list(*, active: bool, limit: int = 50) -> list[Release]:
+    releases = Release.objects.select_related("environment", "requested_by").prefetch_related(
+        Prefetch("steps", queryset=Step.objects.prefetch_related(
+            Prefetch("approvals", queryset=Approval.objects.select_related("user")))))
+    releases = releases.filter(status__in=ACTIVE) if active else releases.exclude(status__in=ACTIVE)
+    return list(releases.order_by("-created_at")[:limit])
+
+
+def current_step(release: Release) -> Step | None:
+    return next((s for s in release.steps.all() if s.status not in ("succeeded", "skipped")), None)
+
+
+def approvers(release: Release) -> list[str]:
+    return sorted({a.user.get_username() for s in release.steps.all() for a in s.approvals.all() if a.user})
+
+
+def log_text(release_id: int):
+    """Every line, as text, for a download; streamed in pages."""
+    after = 0
+    while True:
+        lines = list(LogLine.objects.filter(release_id=release_id, seq__gt=after).order_by("seq")[:LOG_PAGE])
+        if not lines:
+            return
+        for line in lines:
+            yield f"{line.seq}\t{line.at.isoformat()}\t{line.step}\t{line.host or '-'}\t{line.stream}\t{line.text}\n"
+        after = lines[-1].seq

@@ -251,3 +251,24 @@ def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None 
     audit.record("environment.import" if created else "environment.update", actor=actor, source_ip=source_ip,
                  environment=environment, target=environment.name, source="sandbox")
     return environment
+
+
+@transaction.atomic
+def environment_save(*, form, actor, source_ip: str | None = None) -> Environment:
+    if not permissions.can_deploy(actor):
+        raise NotAllowed("changing an environment needs the deployer role")
+    created = form.instance.pk is None
+    environment = form.save()
+    audit.record("environment.create" if created else "environment.update", actor=actor, source_ip=source_ip,
+                 environment=environment, target=environment.name, changed=sorted(form.changed_data))
+    return environment
+
+
+@transaction.atomic
+def recipe_save(*, form, actor, source_ip: str | None = None) -> Recipe:
+    if not permissions.can_deploy(actor):
+        raise NotAllowed("changing a recipe needs the deployer role")
+    created = form.instance.pk is None
+    recipe = form.save()
+    audit.record("recipe.create" if created else "recipe.update", actor=actor, source_ip=source_ip, target=recipe.name)
+    return recipe

@@ -108,7 +108,7 @@ def next_names(ctx: Context, count: int) -> list[str]:
 
 def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> aws.InstanceInfo:
     info = ctx.cloud.launch(
-        tags={"Name": name, aws.TAG_ENVIRONMENT: ctx.env["name"]},
+        tags={"Name": name, aws.TAG_ENVIRONMENT: ctx.env["name"], aws.TAG_REVISION: ctx.release.revision},
         identity={aws.TAG_RELEASE: str(ctx.release.pk), aws.TAG_SLOT: slot},
         image_id=image,
         instance_type=ctx.env["instance_type"],

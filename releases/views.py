@@ -1,7 +1,302 @@
+"""The pages: dashboard, environments, the release wizard, the release page, audit.
+
+Every action is a POST through the same services the API uses; a service's
+refusal (a late or double click, say) comes back as a message, never as a
+second transition.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from functools import wraps
+
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.core.paginator import Paginator
+from django.http import Http404, HttpResponse, HttpResponseForbidden, JsonResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from deployer import git
+from deployer.errors import AdapterError
+
+from . import engine, permissions, plan, selectors, services
+from .forms import AuditFilterForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, OptionsForm, RecipeForm, RevisionForm
+from .models import Environment, Recipe, Release
+
+WIZARD = "release_wizard"
+WIZARD_STEPS = ("environment", "revision", "options", "review")
 
 
-@login_required
+def needs(check, what: str):
+    def decorator(view):
+        @login_required
+        @wraps(view)
+        def wrapped(request, *args, **kwargs):
+            if not check(request.user):
+                return HttpResponseForbidden(render(request, "403.html", {"needed": what}).content)
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
+viewer = needs(permissions.can_view, "the viewer, deployer or approver role")
+deployer = needs(permissions.can_deploy, "the deployer role")
+
+
+def client_ip(request) -> str | None:
+    return request.META.get("REMOTE_ADDR")
+
+
+# -- dashboard ------------------------------------------------------------------------
+
+
+@viewer
 def dashboard(request):
-    return render(request, "releases/dashboard.html")
+    active = selectors.releases_for_list(active=True)
+    return render(request, "releases/dashboard.html", {
+        "waiting": selectors.waiting_on(request.user),
+        "active": [(r, selectors.current_step(r)) for r in active],
+        "recent": [(r, selectors.approvers(r)) for r in selectors.releases_for_list(active=False, limit=20)],
+        "can_deploy": permissions.can_deploy(request.user),
+    })
+
+
+# -- environments ---------------------------------------------------------------------
+
+
+@viewer
+def environment_list(request):
+    environments = Environment.objects.select_related("recipe").order_by("name")
+    return render(request, "releases/environments.html", {"environments": environments, "can_deploy": permissions.can_deploy(request.user)})
+
+
+@viewer
+def environment_detail(request, name: str):
+    environment = get_object_or_404(Environment.objects.select_related("recipe"), name=name)
+    try:
+        instances, error = engine.environment_instances(environment), ""
+    except AdapterError as exc:
+        instances, error = [], str(exc)
+    return render(request, "releases/environment.html", {
+        "environment": environment, "instances": instances, "aws_error": error,
+        "can_deploy": permissions.can_deploy(request.user),
+    })
+
+
+@deployer
+def environment_edit(request, name: str | None = None):
+    environment = get_object_or_404(Environment, name=name) if name else None
+    form = EnvironmentForm(request.POST or None, instance=environment)
+    if request.method == "POST" and form.is_valid():
+        saved = services.environment_save(form=form, actor=request.user, source_ip=client_ip(request))
+        messages.success(request, f"Saved {saved.name}.")
+        return redirect("environment", name=saved.name)
+    return render(request, "releases/form.html", {"form": form, "title": f"Edit {environment.name}" if environment else "Add environment"})
+
+
+@deployer
+def recipe_edit(request, name: str | None = None):
+    recipe = get_object_or_404(Recipe, name=name) if name else None
+    form = RecipeForm(request.POST or None, instance=recipe)
+    if request.method == "POST" and form.is_valid():
+        saved = services.recipe_save(form=form, actor=request.user, source_ip=client_ip(request))
+        messages.success(request, f"Saved recipe {saved.name}.")
+        return redirect("environments")
+    return render(request, "releases/form.html", {"form": form, "title": f"Edit recipe {recipe.name}" if recipe else "Add recipe"})
+
+
+# -- the release wizard ------------------------------------------------------------------
+
+
+@deployer
+def release_new(request):
+    data = request.session.get(WIZARD, {})
+    step = request.GET.get("step") or request.POST.get("step") or "environment"
+    if step not in WIZARD_STEPS:
+        step = "environment"
+    if request.method == "GET" and "environment" in request.GET:  # "release this" from an environment page
+        data = {"environment": request.GET["environment"]}
+        request.session[WIZARD] = data
+    forms = {
+        "environment": lambda post: EnvironmentChoiceForm(post, initial=data),
+        "revision": lambda post: RevisionForm(post, initial=data),
+        "options": lambda post: OptionsForm(post, initial=data or None),
+    }
+    environment = Environment.objects.filter(name=data.get("environment")).select_related("recipe").first()
+    if step != "environment" and environment is None:
+        return redirect(reverse("release_new"))
+    if step == "options" and "strategy" not in data:
+        data.setdefault("strategy", "deploy_from_image" if environment.last_baked_ami else "bake")
+        data.setdefault("clone_count", environment.desired_count)
+    form = forms[step](None) if step in forms else None
+    if request.method == "POST":
+        going_back = "back" in request.POST
+        if step == "review" and not going_back:
+            return _start(request, data, environment)
+        form = forms[step](request.POST) if step in forms else None
+        if going_back:
+            if form is not None and form.is_valid():  # keep what was typed on the way back
+                data.update({k: v.name if isinstance(v, Environment) else v for k, v in form.cleaned_data.items()})
+                request.session[WIZARD] = data
+            return redirect(f"{reverse('release_new')}?step={WIZARD_STEPS[WIZARD_STEPS.index(step) - 1]}")
+        if form.is_valid():
+            values = {k: v.name if isinstance(v, Environment) else v for k, v in form.cleaned_data.items()}
+            if step == "revision" and not _revision_exists(form, environment, values["revision"]):
+                return render(request, "releases/wizard.html", _wizard_context(step, form, data, environment))
+            data.update(values)
+            request.session[WIZARD] = data
+            return redirect(f"{reverse('release_new')}?step={WIZARD_STEPS[WIZARD_STEPS.index(step) + 1]}")
+    return render(request, "releases/wizard.html", _wizard_context(step, form, data, environment))
+
+
+def _revision_exists(form, environment: Environment, revision: str) -> bool:
+    try:
+        services.validate_revision(revision)
+    except services.ServiceError as exc:
+        form.add_error("revision", str(exc))
+        return False
+    try:
+        if git.resolve(environment.repository, revision) is None:
+            form.add_error("revision", f"{environment.repository} has no branch or tag {revision!r}")
+            return False
+    except AdapterError:
+        pass  # the repository is out of reach from here; the deploy step will say so
+    return True
+
+
+def _wizard_context(step: str, form, data: dict, environment: Environment | None) -> dict:
+    context = {"step": step, "steps": WIZARD_STEPS, "form": form, "data": data, "environment": environment}
+    if step == "review" and environment is not None:
+        strategy = data.get("strategy", "bake")
+        context["plan"] = plan.STRATEGIES.get(strategy, ())
+        try:
+            context["retiring"] = engine.environment_instances(environment, registered_only=True)
+        except AdapterError as exc:
+            context["retiring"], context["aws_error"] = [], str(exc)
+        context["new_count"] = int(data.get("clone_count") or environment.desired_count)
+    return context
+
+
+def _start(request, data: dict, environment: Environment):
+    try:
+        release = services.release_create(
+            environment=environment, revision=data.get("revision", ""), strategy=data.get("strategy", "bake"),
+            fleet_size=int(data.get("clone_count") or environment.desired_count), actor=request.user, source_ip=client_ip(request),
+        )
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+        return redirect(f"{reverse('release_new')}?step=review")
+    request.session.pop(WIZARD, None)
+    messages.success(request, f"Release #{release.pk} started.")
+    return redirect("release", release_id=release.pk)
+
+
+# -- the release page ---------------------------------------------------------------------
+
+
+def _panel_context(request, release_id: int) -> dict:
+    release = selectors.release_for_detail(release_id)
+    user = request.user
+    steps = list(release.steps.all())
+    four_eyes_blocked = release.plan["environment"].get("four_eyes") and release.requested_by_id == user.pk
+    return {
+        "release": release,
+        "steps": steps,
+        "gates": [s for s in steps if s.kind == "gate" and s.status == "awaiting_approval"],
+        "decided_gates": [s for s in steps if s.kind == "gate" and s.approvals.all()],
+        "instances": list(release.instances.all()),
+        "may_decide": permissions.can_approve(user) and not four_eyes_blocked,
+        "four_eyes_blocked": permissions.can_approve(user) and four_eyes_blocked,
+        "may_deploy": permissions.can_deploy(user),
+        "decision_form": DecisionForm(),
+        "failed_step": next((s for s in steps if s.status == "failed"), None),
+    }
+
+
+@viewer
+def release_page(request, release_id: int):
+    get_object_or_404(Release, pk=release_id)
+    context = _panel_context(request, release_id)
+    context["step_keys"] = [s.key for s in context["steps"]]
+    return render(request, "releases/release.html", context)
+
+
+@viewer
+def release_panel(request, release_id: int):
+    get_object_or_404(Release, pk=release_id)
+    return render(request, "releases/_panel.html", _panel_context(request, release_id))
+
+
+@viewer
+def release_log_download(request, release_id: int):
+    release = get_object_or_404(Release, pk=release_id)
+    response = StreamingHttpResponse(selectors.log_text(release.pk), content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="release-{release.pk}.log"'
+    return response
+
+
+def _act(request, release_id: int, action):
+    release = get_object_or_404(Release.objects.select_related("environment"), pk=release_id)
+    try:
+        message = action(release)
+        messages.success(request, message)
+    except services.ServiceError as exc:
+        messages.warning(request, str(exc))
+    return redirect("release", release_id=release_id)
+
+
+@require_POST
+@login_required
+def release_decide(request, release_id: int, key: str, decision: str):
+    if decision not in ("approve", "reject"):
+        raise Http404("approve or reject")
+    form = DecisionForm(request.POST)
+    comment = form.cleaned_data["comment"] if form.is_valid() else ""
+    service = services.gate_approve if decision == "approve" else services.gate_reject
+    return _act(request, release_id, lambda release: (
+        service(release=release, key=key, actor=request.user, comment=comment, source_ip=client_ip(request)),
+        f"{'Approved' if decision == 'approve' else 'Rejected'} {key}.")[1])
+
+
+@require_POST
+@login_required
+def release_action(request, release_id: int, action: str):
+    if action not in ("cancel", "retry", "rollback"):
+        raise Http404("cancel, retry or rollback")
+    service = {"cancel": services.release_cancel, "retry": services.release_retry, "rollback": services.release_rollback}[action]
+    done = {"cancel": "Cancelling: cleaning up.", "retry": "Retrying the failed step.", "rollback": "Rolling back."}[action]
+    return _act(request, release_id, lambda release: (service(release=release, actor=request.user, source_ip=client_ip(request)), done)[1])
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+
+@viewer
+def audit_page(request):
+    form = AuditFilterForm(request.GET or None)
+    filters = {k: v for k, v in (form.cleaned_data.items() if form.is_valid() else ()) if v}
+    events = selectors.audit_events(**filters)
+    export = request.GET.get("format")
+    if export == "csv":
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = 'attachment; filename="greenlight-audit.csv"'
+        writer = csv.writer(response)
+        writer.writerow(["at", "actor", "source_ip", "action", "target", "environment", "release", "details"])
+        for event in events.iterator(chunk_size=1000):
+            d = selectors.audit_dict(event)
+            writer.writerow([d["at"], d["actor"], d["source_ip"] or "", d["action"], d["target"], d["environment"] or "",
+                             d["release"] or "", json.dumps(d["details"], sort_keys=True)])
+        return response
+    if export == "json":
+        response = JsonResponse({"events": [selectors.audit_dict(e) for e in events.iterator(chunk_size=1000)]})
+        response["Content-Disposition"] = 'attachment; filename="greenlight-audit.json"'
+        return response
+    page = Paginator(events, 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "releases/audit.html", {"form": form, "page": page, "query": query.urlencode()})

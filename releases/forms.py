@@ -1,0 +1,62 @@
+import json
+
+from django import forms
+
+from . import plan
+from .models import Environment, Recipe
+
+
+class EnvironmentChoiceForm(forms.Form):
+    environment = forms.ModelChoiceField(queryset=Environment.objects.order_by("name"), to_field_name="name",
+                                         empty_label=None, help_text="the service to release")
+
+
+class RevisionForm(forms.Form):
+    revision = forms.CharField(max_length=200, help_text="a branch, tag or commit of the repository")
+
+
+class OptionsForm(forms.Form):
+    strategy = forms.ChoiceField(choices=[(s, s) for s in plan.STRATEGIES], widget=forms.RadioSelect,
+                                 help_text="bake: provision a fresh instance; deploy_from_image: start from the last baked image")
+    clone_count = forms.IntegerField(min_value=1, max_value=50, label="Fleet size",
+                                     help_text="instances in the new fleet, the canary included")
+
+
+class DecisionForm(forms.Form):
+    comment = forms.CharField(required=False, max_length=2000, widget=forms.TextInput(attrs={"placeholder": "comment (optional)"}))
+
+
+class RecipeForm(forms.ModelForm):
+    definition = forms.CharField(widget=forms.Textarea(attrs={"rows": 18, "class": "code"}),
+                                 help_text="JSON: params, roles, tasks and phases")
+
+    class Meta:
+        model = Recipe
+        fields = ["name", "definition"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk and not self.is_bound:
+            self.initial["definition"] = json.dumps(self.instance.definition, indent=2)
+
+    def clean_definition(self):
+        try:
+            return json.loads(self.cleaned_data["definition"])
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+
+
+class EnvironmentForm(forms.ModelForm):
+    class Meta:
+        model = Environment
+        exclude = ["last_baked_ami"]
+        widgets = {"security_group_ids": forms.TextInput()}
+
+
+class AuditFilterForm(forms.Form):
+    environment = forms.CharField(required=False)
+    actor = forms.CharField(required=False)
+    action = forms.CharField(required=False)
+    since = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
+    until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
+    release = forms.IntegerField(required=False, min_value=1)

@@ -1,0 +1,44 @@
+from django import template
+from django.utils import timezone
+from django.utils.html import format_html
+
+register = template.Library()
+
+# a symbol and a word for every status: colour is never the only signal
+STATUS = {
+    "queued": ("◷", "queued"),
+    "pending": ("○", "pending"),
+    "running": ("▶", "running"),
+    "awaiting_approval": ("⏸", "waiting for approval"),
+    "succeeded": ("✔", "succeeded"),
+    "failed": ("✖", "failed"),
+    "skipped": ("↷", "skipped"),
+    "cancelled": ("⊘", "cancelled"),
+    "rolling_back": ("↺", "rolling back"),
+    "rolled_back": ("↩", "rolled back"),
+}
+
+
+@register.simple_tag
+def status(value: str):
+    symbol, word = STATUS.get(value, ("?", value))
+    return format_html('<span class="status status-{}"><span aria-hidden="true">{}</span> {}</span>', value, symbol, word)
+
+
+@register.filter
+def duration(start, end=None):
+    """'1:02', '3h 04m': how long from start to end (or to now)."""
+    if not start:
+        return ""
+    seconds = int(((end or timezone.now()) - start).total_seconds())
+    if seconds < 3600:
+        return f"{seconds // 60}:{seconds % 60:02d}"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+@register.simple_tag
+def when(value):
+    """A time the browser shows in its own timezone (UTC until the script runs)."""
+    if not value:
+        return ""
+    return format_html('<time datetime="{}" data-local>{}</time>', value.isoformat(), value.strftime("%Y-%m-%d %H:%M UTC"))
