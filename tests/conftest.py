@@ -48,3 +48,50 @@ def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
     yield log
     process.terminate()
     process.wait(60)
+
+
+@pytest.fixture(scope="session")
+def web_server(celery_worker, tmp_path_factory):
+    """The ASGI server (daphne) on the test database, as `make demo` runs it."""
+    from tests.helpers import free_port
+
+    db = settings.DATABASES["default"]
+    port = free_port()
+    log = tmp_path_factory.mktemp("web") / "web.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "deployer.asgi:application"],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+             "GREENLIGHT_VAR_DIR": str(log.parent)},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    import requests
+
+    def up():
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            assert process.poll() is None, log.read_text()[-2000:]
+
+    wait_for(up, 60, 0.2, "the web server")
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright; never a downloaded browser."""
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop; the test's own database calls are still sync
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+            headless=True,
+            args=["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update", "--disable-sync"],
+        )
+        yield browser
+        browser.close()

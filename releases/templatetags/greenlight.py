@@ -9,7 +9,7 @@ STATUS = {
     "queued": ("◷", "queued"),
     "pending": ("○", "pending"),
     "running": ("▶", "running"),
-    "awaiting_approval": ("⏸", "waiting for approval"),
+    "awaiting_approval": ("‖", "waiting for approval"),
     "succeeded": ("✔", "succeeded"),
     "failed": ("✖", "failed"),
     "skipped": ("↷", "skipped"),

@@ -116,7 +116,7 @@
   function retitle() {
     var panel = document.getElementById("panel");
     var waiting = panel && panel.dataset.waiting !== "0";
-    document.title = (waiting ? "⏸ " : "") + document.title.replace(/^⏸ /, "");
+    document.title = (waiting ? "(waiting) " : "") + document.title.replace(/^\(waiting\) /, "");
   }
 
   function connect() {
