@@ -358,3 +358,39 @@ class Cloud:
                 detail = ", ".join(f"{i} {states.get(i, 'unregistered')}" for i in ids)
                 raise AdapterError(f"not in service within {timeout:g}s: {detail}")
             time.sleep(self.poll)
+
+
+def describe_classic_load_balancer(account: Account, name: str) -> dict:
+    """What an existing classic ELB tells about itself and its instances,
+    for importing it as an environment."""
+    elb, ec2 = client(account, "elb"), client(account, "ec2")
+    try:
+        lb = elb.describe_load_balancers(LoadBalancerNames=[name])["LoadBalancerDescriptions"][0]
+        ids = [i["InstanceId"] for i in lb["Instances"]]
+        raw = [i for r in ec2.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]] if ids else []
+    except (ClientError, BotoCoreError, ResponseParserError) as exc:
+        raise _error(exc, f"describe load balancer {name}") from None
+    listener = lb["ListenerDescriptions"][0]["Listener"] if lb["ListenerDescriptions"] else {}
+    target = lb.get("HealthCheck", {}).get("Target", "")
+    return {
+        "name": name,
+        "dns_name": lb.get("DNSName", ""),
+        "instance_port": listener.get("InstancePort"),
+        "health_path": "/" + target.split("/", 1)[1] if "/" in target else "",
+        "subnets": lb.get("Subnets", []),
+        "security_groups": lb.get("SecurityGroups", []),
+        "instances": [
+            {
+                "id": i["InstanceId"],
+                "state": i["State"]["Name"],
+                "image_id": i.get("ImageId", ""),
+                "instance_type": i.get("InstanceType", ""),
+                "key_name": i.get("KeyName", ""),
+                "subnet_id": i.get("SubnetId", ""),
+                "security_groups": [g["GroupId"] for g in i.get("SecurityGroups", [])],
+                "address": i.get("PrivateIpAddress", ""),
+                "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
+            }
+            for i in raw
+        ],
+    }

@@ -262,3 +262,8 @@ def environment_instances(environment: Environment, *, registered_only: bool = F
     if registered_only:
         rows = [r for r in rows if r["id"] in health]
     return sorted(rows, key=lambda r: (len(r["name"]), r["name"]))
+
+
+def describe_load_balancer(*, region: str, aws_endpoint_url: str, aws_credentials: str, load_balancer_name: str) -> dict:
+    account = aws.Account.from_reference(region, aws_endpoint_url, aws_credentials)
+    return aws.describe_classic_load_balancer(account, load_balancer_name)

@@ -60,3 +60,11 @@ class AuditFilterForm(forms.Form):
     since = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
     until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
     release = forms.IntegerField(required=False, min_value=1)
+
+
+class ImportLookupForm(forms.Form):
+    region = forms.CharField(max_length=32, initial="us-west-1")
+    aws_endpoint_url = forms.URLField(required=False, label="AWS endpoint URL", help_text="empty for AWS itself")
+    aws_credentials = forms.CharField(required=False, max_length=200, label="Credentials reference",
+                                      help_text='"", "profile:NAME", "env:PREFIX" or "sandbox"')
+    load_balancer_name = forms.CharField(max_length=200, label="Classic load balancer name")

@@ -6,6 +6,7 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("environments/", views.environment_list, name="environments"),
     path("environments/new/", views.environment_edit, name="environment_new"),
+    path("environments/import/", views.environment_import, name="environment_import"),
     path("environments/<slug:name>/", views.environment_detail, name="environment"),
     path("environments/<slug:name>/edit/", views.environment_edit, name="environment_edit"),
     path("recipes/new/", views.recipe_edit, name="recipe_new"),

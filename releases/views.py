@@ -23,7 +23,8 @@ from deployer import git
 from deployer.errors import AdapterError
 
 from . import engine, permissions, plan, selectors, services
-from .forms import AuditFilterForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, OptionsForm, RecipeForm, RevisionForm
+from .forms import (AuditFilterForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, ImportLookupForm, OptionsForm, RecipeForm,
+                    RevisionForm)
 from .models import Environment, Recipe, Release
 
 WIZARD = "release_wizard"
@@ -97,6 +98,37 @@ def environment_edit(request, name: str | None = None):
         messages.success(request, f"Saved {saved.name}.")
         return redirect("environment", name=saved.name)
     return render(request, "releases/form.html", {"form": form, "title": f"Edit {environment.name}" if environment else "Add environment"})
+
+
+@deployer
+def environment_import(request):
+    """Pick a region and a load balancer, see its instances and tags, then
+    save it as an environment with what AWS already knows filled in."""
+    lookup = ImportLookupForm(request.GET or None)
+    context = {"lookup": lookup}
+    if request.GET and lookup.is_valid():
+        data = lookup.cleaned_data
+        try:
+            found = engine.describe_load_balancer(**data)
+        except AdapterError as exc:
+            lookup.add_error(None, str(exc))
+        else:
+            first = found["instances"][0] if found["instances"] else {}
+            initial = {
+                **data,
+                "name": data["load_balancer_name"],
+                "public_url": f"http://{found['dns_name']}/" if found["dns_name"] else "",
+                "app_port": found["instance_port"] or 80,
+                "health_path": found["health_path"] or "/health",
+                "subnet_id": first.get("subnet_id") or (found["subnets"][0] if found["subnets"] else ""),
+                "security_group_ids": json.dumps(first.get("security_groups") or found["security_groups"]),
+                "key_name": first.get("key_name", ""),
+                "base_ami": first.get("image_id", ""),
+                "instance_type": first.get("instance_type", "t3.micro"),
+                "desired_count": len(found["instances"]) or 2,
+            }
+            context.update(found=found, form=EnvironmentForm(initial=initial))
+    return render(request, "releases/environment_import.html", context)
 
 
 @deployer

@@ -80,18 +80,24 @@ def web_server(celery_worker, tmp_path_factory):
     process.wait(30)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium, headless, driven by Playwright; never a downloaded browser."""
+    """Debian's Chromium, headless, driven by Playwright; never a downloaded browser.
+
+    Module-scoped: Playwright's sync API keeps an event loop running in this
+    thread, which async tests elsewhere must not find."""
     from playwright.sync_api import sync_playwright
 
-    # Playwright's sync API runs an event loop; the test's own database calls are still sync
+    # the test's own database calls are sync; Django would refuse them with that loop running
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
-            headless=True,
-            args=["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update", "--disable-sync"],
-        )
-        yield browser
-        browser.close()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"),
+                headless=True,
+                args=["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update", "--disable-sync"],
+            )
+            yield browser
+            browser.close()
+    finally:
+        del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]

@@ -36,7 +36,7 @@ def test_the_dashboard_sends_strangers_to_sign_in(client):
 
 
 def test_a_person_signs_in_and_sees_the_dashboard(client):
-    User.objects.create_user("dana", password="a-long-passphrase")
+    User.objects.create_user("dana", password="a-long-passphrase").groups.add(Group.objects.get(name="viewer"))
 
     response = client.post(reverse("login"), {"username": "dana", "password": "a-long-passphrase"}, follow=True)
 
