@@ -203,3 +203,34 @@ def test_list_pages_make_the_same_number_of_queries_however_many_rows(client, en
         other = Environment.objects.create(**{**{f.name: getattr(environment, f.name) for f in Environment._meta.fields if f.name not in ("id",)}, "name": f"env-{n}"})
         services.release_create(environment=other, revision="v1", actor=dana)
     assert queries() == few
+
+
+@pytest.mark.parametrize("roles, action, refusal", [
+    (("viewer",), "cancel", "deployer role"),
+    (("approver",), "cancel", "deployer role"),
+    (("viewer",), "rollback", "deployer role"),
+    (("approver",), "retry", "deployer role"),
+])
+def test_release_actions_need_the_deployer_role(client, release, roles, action, refusal):
+    client.force_login(person("someone", *roles))
+
+    response = client.post(f"/releases/{release.pk}/{action}/", follow=True)
+
+    assert refusal in response.content.decode()
+    release.refresh_from_db()
+    assert (release.status, release.cancel_requested) == ("queued", False)
+
+
+def test_a_deployer_cancels_from_the_page(client, release):
+    client.force_login(release.requested_by)
+
+    response = client.post(f"/releases/{release.pk}/cancel/", follow=True)
+
+    assert "Cancelling: cleaning up." in response.content.decode()
+    assert Release.objects.get(pk=release.pk).cancel_requested
+
+
+def test_an_unknown_action_is_a_404(client, release):
+    client.force_login(release.requested_by)
+    assert client.post(f"/releases/{release.pk}/explode/").status_code == 404
+    assert client.post(f"/releases/{release.pk}/gates/verify_directly/maybe/").status_code == 404
