@@ -169,11 +169,13 @@ def open_gate(release: Release, step: Step) -> None:
         card = {"warning": str(exc)}
     timeout = release.plan["environment"]["gate_timeout"]
     with transaction.atomic():
-        if transitions.step(step.pk, from_=(S.PENDING,), to=S.AWAITING_APPROVAL, started_at=timezone.now(),
-                            deadline=timezone.now() + timedelta(seconds=timeout), result=card):
+        opened = transitions.step(step.pk, from_=(S.PENDING,), to=S.AWAITING_APPROVAL, started_at=timezone.now(),
+                                  deadline=timezone.now() + timedelta(seconds=timeout), result=card)
+        if opened:
             transitions.release(release.pk, from_=(R.QUEUED, R.RUNNING), to=R.AWAITING_APPROVAL)
-    context.log.write(step.key, f"waiting for approval: {step.key}")
-    context.log.flush()
+    if opened:  # a second nudge that lost the race says nothing
+        context.log.write(step.key, f"waiting for approval: {step.key}")
+        context.log.flush()
 
 
 def finish(release: Release) -> None:
