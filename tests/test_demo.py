@@ -22,6 +22,7 @@ def test_the_demo_serves_a_login_and_the_seeded_environment_then_stops_cleanly(t
         "GREENLIGHT_VAR_DIR": str(tmp_path),
         "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",  # the zero-setup default
         "DEMO_ADMIN_PASSWORD": "demo-password-for-tests",
+        "DEMO_REVIEWER_PASSWORD": "reviewer-password-for-tests",
         "SANDBOX_AWS_PORT": "0",
         "SANDBOX_LB_PORT": "0",
         "SANDBOX_NETWORK": "127.99.0.0/16",
@@ -41,14 +42,17 @@ def test_the_demo_serves_a_login_and_the_seeded_environment_then_stops_cleanly(t
         page = wait_for(login_page, 120, 0.5, "the login page")
         assert page.status_code == 200 and "Sign in" in page.text
 
-        session = requests.Session()
-        session.get(f"{base}/accounts/login/")
-        signed_in = session.post(
-            f"{base}/accounts/login/",
-            data={"username": "admin", "password": "demo-password-for-tests", "csrfmiddlewaretoken": session.cookies["csrftoken"]},
-            headers={"Referer": f"{base}/accounts/login/"},
-        )
-        assert signed_in.status_code == 200 and "Dashboard" in signed_in.text
+        for username, password in (("admin", "demo-password-for-tests"), ("reviewer", "reviewer-password-for-tests")):
+            session = requests.Session()
+            session.get(f"{base}/accounts/login/")
+            signed_in = session.post(
+                f"{base}/accounts/login/",
+                data={"username": username, "password": password, "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+                headers={"Referer": f"{base}/accounts/login/"},
+            )
+            assert signed_in.status_code == 200 and "Dashboard" in signed_in.text, username
+        environments = session.get(f"{base}/environments/")
+        assert "prepan" in environments.text  # the sandbox's environment, stored for releases
 
         info = json.loads((tmp_path / "sandbox.json").read_text())
         revisions = {requests.get(info["load_balancer_url"], timeout=5).headers["X-Revision"] for _ in range(4)}

@@ -74,6 +74,7 @@ class Command(BaseCommand):
         try:
             self._redis()
             username, password = self._admin()
+            reviewer, reviewer_password = self._reviewer()
             sandbox = self._start("sandbox", [sys.executable, "manage.py", "sandbox"])
             info = self._wait_for_sandbox(sandbox, stopping)
             if info is None:
@@ -84,7 +85,8 @@ class Command(BaseCommand):
             url = f"http://{options['host']}:{options['port']}/"
             self.stdout.write(
                 "\n"
-                f"  Greenlight   {url}   sign in as {username} / {password}\n"
+                f"  Greenlight   {url}   sign in as {username} / {password} to start a release,\n"
+                f"               and as {reviewer} / {reviewer_password} (another browser) to approve it\n"
                 f"  Load balancer {info['load_balancer_url']}  ({environment.name}; revisions {', '.join(info['revisions'])})\n"
                 f"  AWS endpoint  {info['aws_endpoint_url']}  endpoints in {settings.SANDBOX_FILE}\n"
                 "  Ctrl-C stops everything.\n"
@@ -131,19 +133,25 @@ class Command(BaseCommand):
             return False
 
     def _admin(self) -> tuple[str, str]:
-        username = os.environ.get("DEMO_ADMIN_USERNAME", "admin")
-        password = os.environ.get("DEMO_ADMIN_PASSWORD", "")
-        saved = settings.VAR_DIR / "demo-admin-password"
+        return self._person(os.environ.get("DEMO_ADMIN_USERNAME", "admin"), "DEMO_ADMIN_PASSWORD", roles.ALL, staff=True)
+
+    def _reviewer(self) -> tuple[str, str]:
+        # four eyes: whoever starts a release cannot approve it, so a demo needs a second person
+        return self._person("reviewer", "DEMO_REVIEWER_PASSWORD", (roles.VIEWER, roles.APPROVER), staff=False)
+
+    def _person(self, username: str, password_variable: str, role_names, *, staff: bool) -> tuple[str, str]:
+        password = os.environ.get(password_variable, "")
+        saved = settings.VAR_DIR / f"demo-{username}-password"
         if not password:
             if not saved.exists():
                 saved.touch(mode=0o600)
                 saved.write_text(secrets.token_urlsafe(12))
             password = saved.read_text().strip()
-        user, _ = User.objects.get_or_create(username=username, defaults={"is_staff": True, "is_superuser": True})
-        user.is_staff = user.is_superuser = True
+        user, _ = User.objects.get_or_create(username=username)
+        user.is_staff = user.is_superuser = staff
         user.set_password(password)
         user.save()
-        user.groups.add(*(Group.objects.get_or_create(name=name)[0] for name in roles.ALL))
+        user.groups.add(*(Group.objects.get_or_create(name=name)[0] for name in role_names))
         return username, password
 
     def _wait_for_sandbox(self, sandbox: Child, stopping: threading.Event) -> dict | None:
