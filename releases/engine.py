@@ -17,7 +17,7 @@ import traceback
 from datetime import timedelta
 
 from django.db import close_old_connections, connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from deployer import aws
@@ -38,19 +38,17 @@ def worker_id() -> str:
 
 
 class Heartbeat:
-    """Extends a step's lease while it runs, from a thread of its own."""
+    """Extends a lease while the work runs, from a thread of its own."""
 
-    def __init__(self, step_id: int, owner: str):
-        self.step_id, self.owner = step_id, owner
+    def __init__(self, rows, **extend):
+        self.rows, self.extend = rows, extend  # e.g. Step.objects.filter(pk=..., lease_owner=me), "lease_expires_at"
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         try:
             while not self.stop.wait(HEARTBEAT_SECONDS):
-                Step.objects.filter(pk=self.step_id, lease_owner=self.owner, status=S.RUNNING).update(
-                    lease_expires_at=timezone.now() + LEASE
-                )
+                self.rows.update(**{field: timezone.now() + LEASE for field in self.extend})
         finally:
             connection.close()
 
@@ -129,7 +127,7 @@ def run_step(release: Release, step: Step, owner: str) -> bool:
     writer.write(step.key, f"{step.key} started (attempt {step.attempts})")
     context = None
     try:
-        with Heartbeat(step.pk, owner):
+        with Heartbeat(Step.objects.filter(pk=step.pk, lease_owner=owner, status=S.RUNNING), lease_expires_at=True):
             context = steps.Context(release=release, step=step, cloud=cloud_for(release), log=writer)
             result = steps.ACTIONS[step.key](context) or {}
     except steps.Cancelled:
@@ -191,23 +189,28 @@ def finish(release: Release) -> None:
 def rollback(release_id: int) -> None:
     """Put the old fleet back in service, then take the new one out."""
     close_old_connections()
+    owner, now = worker_id(), timezone.now()
+    free = Q(rollback_lease_until__isnull=True) | Q(rollback_lease_until__lt=now)
+    if not Release.objects.filter(free, pk=release_id, status=R.ROLLING_BACK).update(
+            rollback_owner=owner, rollback_lease_until=now + LEASE):
+        return  # not rolling back, or another worker process is at it
     release = Release.objects.get(pk=release_id)
-    if release.status != R.ROLLING_BACK:
-        return
     # from here on the release can only be rolled back (again), never resumed
     release.state["rolled_back"] = True
     Release.objects.filter(pk=release.pk).update(state=release.state)
     writer = LogWriter(release.pk, secrets=secrets_of(release))
     try:
-        steps.roll_back(steps.Context(release=release, step=None, cloud=cloud_for(release), log=writer))
+        with Heartbeat(Release.objects.filter(pk=release.pk, rollback_owner=owner), rollback_lease_until=True):
+            steps.roll_back(steps.Context(release=release, step=None, cloud=cloud_for(release), log=writer))
     except AdapterError as exc:
         writer.write("rollback", f"rollback failed: {exc}", stream="stderr")
         writer.flush()
-        transitions.release(release.pk, from_=(R.ROLLING_BACK,), to=R.FAILED, error=f"rollback: {exc}")
+        transitions.release(release.pk, from_=(R.ROLLING_BACK,), to=R.FAILED, error=f"rollback: {exc}", rollback_lease_until=None)
         return
     writer.flush()
     release.refresh_from_db()
-    transitions.release(release.pk, from_=(R.ROLLING_BACK,), to=R.CANCELLED if release.cancel_requested else R.ROLLED_BACK)
+    transitions.release(release.pk, from_=(R.ROLLING_BACK,), to=R.CANCELLED if release.cancel_requested else R.ROLLED_BACK,
+                        rollback_lease_until=None)
 
 
 def sweep() -> dict:
@@ -230,6 +233,9 @@ def sweep() -> dict:
             pass
     for release in Release.objects.filter(status__in=(R.QUEUED, R.RUNNING)).exclude(steps__status=S.RUNNING):
         tasks.advance_release.delay(release.pk)
+    for release in Release.objects.filter(status=R.ROLLING_BACK, rollback_lease_until__lt=now):
+        LogWriter(release.pk).write("rollback", "the rollback's worker stopped answering; starting it again")
+        tasks.rollback_release.delay(release.pk)
     for release in Release.objects.filter(status=R.SUCCEEDED, finished_at__isnull=False):
         retention = timedelta(seconds=release.plan["environment"]["retention"])
         if release.finished_at + retention < now and release.state.get("old") and not release.state.get("old_terminated"):

@@ -114,6 +114,8 @@ class Release(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     log_seq = models.BigIntegerField(default=0, help_text="the last log line's sequence number")
+    rollback_owner = models.CharField(max_length=200, blank=True, help_text="the worker rolling it back")
+    rollback_lease_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
