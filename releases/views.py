@@ -59,7 +59,8 @@ def client_ip(request) -> str | None:
 @viewer
 def dashboard(request):
     active = selectors.releases_for_list(active=True)
-    return render(request, "releases/dashboard.html", {
+    template = "releases/_dashboard.html" if request.htmx else "releases/dashboard.html"  # htmx polls the body
+    return render(request, template, {
         "waiting": selectors.waiting_on(request.user),
         "active": [(r, selectors.current_step(r)) for r in active],
         "recent": [(r, selectors.approvers(r)) for r in selectors.releases_for_list(active=False, limit=20)],

@@ -234,3 +234,13 @@ def test_an_unknown_action_is_a_404(client, release):
     client.force_login(release.requested_by)
     assert client.post(f"/releases/{release.pk}/explode/").status_code == 404
     assert client.post(f"/releases/{release.pk}/gates/verify_directly/maybe/").status_code == 404
+
+
+def test_the_dashboard_polls_its_body_and_counts_what_waits_in_the_title(client, release):
+    open_gate(release)
+    client.force_login(person("ravi", "approver"))
+
+    body = client.get("/", HTTP_HX_REQUEST="true").content.decode()
+
+    assert body.startswith('<div id="dashboard"') and "<title>(1) Dashboard" in body
+    assert "verify_directly" in body
