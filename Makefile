@@ -8,7 +8,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/greenlight
 # A Redis database of their own, so a running demo worker never takes test tasks.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: demo test bench install install-dev sandbox clean
+.PHONY: demo test bench lint install install-dev sandbox clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,17 @@ demo: install
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/python manage.py demo --port $(PORT)
 
-## Run the test suite against PostgreSQL and Redis
-test: install-dev
+## Run the test suite against PostgreSQL and Redis (after a quick lint)
+test: install-dev lint
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Measure the log pipeline's throughput (prints a table)
 bench: install-dev
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest benchmarks -q -s -p no:cacheprovider
+
+## Undefined names, unused imports, syntax errors
+lint: install-dev
+	$(BIN)/ruff check --select F,E9 deployer releases tests benchmarks
 
 ## Only the sandbox (AWS endpoint, SSH hosts, load balancer)
 sandbox: install

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from . import audit
+from . import audit, services
 from .models import AuditEvent, Environment, Recipe, Release, Step
 
 
@@ -9,14 +9,8 @@ class AuditedAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
-        audit.record(
-            f"{obj._meta.model_name}.{'update' if change else 'create'}",
-            actor=request.user,
-            source_ip=request.META.get("REMOTE_ADDR"),
-            environment=obj if isinstance(obj, Environment) else None,
-            target=str(obj),
-            changed=sorted(form.changed_data),
-        )
+        services.configuration_audit(obj, created=not change, changed=form.changed_data, actor=request.user,
+                                     source_ip=request.META.get("REMOTE_ADDR"))
 
     def delete_model(self, request, obj):
         audit.record(f"{obj._meta.model_name}.delete", actor=request.user, source_ip=request.META.get("REMOTE_ADDR"), target=str(obj))

@@ -253,22 +253,19 @@ def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None 
     return environment
 
 
-@transaction.atomic
-def environment_save(*, form, actor, source_ip: str | None = None) -> Environment:
-    if not permissions.can_deploy(actor):
-        raise NotAllowed("changing an environment needs the deployer role")
-    created = form.instance.pk is None
-    environment = form.save()
-    audit.record("environment.create" if created else "environment.update", actor=actor, source_ip=source_ip,
-                 environment=environment, target=environment.name, changed=sorted(form.changed_data))
-    return environment
+def configuration_audit(obj, *, created: bool, changed: list[str], actor, source_ip: str | None = None) -> None:
+    """An environment or recipe was created or changed (here or in the admin)."""
+    audit.record(f"{obj._meta.model_name}.{'create' if created else 'update'}", actor=actor, source_ip=source_ip,
+                 environment=obj if isinstance(obj, Environment) else None, target=str(obj), changed=sorted(changed))
 
 
 @transaction.atomic
-def recipe_save(*, form, actor, source_ip: str | None = None) -> Recipe:
+def configuration_save(*, form, actor, source_ip: str | None = None):
+    """Save an environment or a recipe from its (validated) form."""
+    kind = form._meta.model._meta.verbose_name
     if not permissions.can_deploy(actor):
-        raise NotAllowed("changing a recipe needs the deployer role")
+        raise NotAllowed(f"changing {kind}s needs the deployer role")
     created = form.instance.pk is None
-    recipe = form.save()
-    audit.record("recipe.create" if created else "recipe.update", actor=actor, source_ip=source_ip, target=recipe.name)
-    return recipe
+    saved = form.save()
+    configuration_audit(saved, created=created, changed=form.changed_data, actor=actor, source_ip=source_ip)
+    return saved

@@ -90,15 +90,25 @@ def environment_detail(request, name: str):
     })
 
 
+def _edit(request, model, form_class, name: str | None, title: str, done):
+    """Add or edit an environment or a recipe through its form."""
+    instance = get_object_or_404(model, name=name) if name else None
+    form = form_class(request.POST or None, instance=instance)
+    if request.method == "POST" and form.is_valid():
+        saved = services.configuration_save(form=form, actor=request.user, source_ip=client_ip(request))
+        messages.success(request, f"Saved {saved.name}.")
+        return done(saved)
+    return render(request, "releases/form.html", {"form": form, "title": f"Edit {name}" if name else title})
+
+
 @deployer
 def environment_edit(request, name: str | None = None):
-    environment = get_object_or_404(Environment, name=name) if name else None
-    form = EnvironmentForm(request.POST or None, instance=environment)
-    if request.method == "POST" and form.is_valid():
-        saved = services.environment_save(form=form, actor=request.user, source_ip=client_ip(request))
-        messages.success(request, f"Saved {saved.name}.")
-        return redirect("environment", name=saved.name)
-    return render(request, "releases/form.html", {"form": form, "title": f"Edit {environment.name}" if environment else "Add environment"})
+    return _edit(request, Environment, EnvironmentForm, name, "Add environment", lambda saved: redirect("environment", name=saved.name))
+
+
+@deployer
+def recipe_edit(request, name: str | None = None):
+    return _edit(request, Recipe, RecipeForm, name, "Add recipe", lambda saved: redirect("environments"))
 
 
 @deployer
@@ -130,17 +140,6 @@ def environment_import(request):
             }
             context.update(found=found, form=EnvironmentForm(initial=initial))
     return render(request, "releases/environment_import.html", context)
-
-
-@deployer
-def recipe_edit(request, name: str | None = None):
-    recipe = get_object_or_404(Recipe, name=name) if name else None
-    form = RecipeForm(request.POST or None, instance=recipe)
-    if request.method == "POST" and form.is_valid():
-        saved = services.recipe_save(form=form, actor=request.user, source_ip=client_ip(request))
-        messages.success(request, f"Saved recipe {saved.name}.")
-        return redirect("environments")
-    return render(request, "releases/form.html", {"form": form, "title": f"Edit recipe {recipe.name}" if recipe else "Add recipe"})
 
 
 # -- the release wizard ------------------------------------------------------------------

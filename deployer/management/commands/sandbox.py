@@ -56,5 +56,5 @@ class Command(BaseCommand):
             draining_timeout=options["draining_timeout"],
             seed=not options["no_seed"],
         )
-        if status := runner.run(config):
+        if runner.run(config):
             raise CommandError("the sandbox stopped with an error (see above)")
