@@ -254,24 +254,3 @@ def cloud_for_environment(environment: Environment) -> aws.Cloud:
     account = aws.Account.from_reference(environment.region, environment.aws_endpoint_url, environment.aws_credentials)
     return aws.Cloud(account, load_balancer_name=environment.load_balancer_name, target_group_arn=environment.target_group_arn)
 
-
-def environment_instances(environment: Environment, *, registered_only: bool = False) -> list[dict]:
-    """The environment's instances as AWS reports them, with their load balancer health."""
-    cloud = cloud_for_environment(environment)
-    health = cloud.health()
-    by_tag = cloud.instances(tags={aws.TAG_ENVIRONMENT: environment.name}, states=("pending", "running", "stopping", "stopped"))
-    registered = [i for i in cloud.instances(ids=list(health)) if i.id not in {b.id for b in by_tag}] if health else []
-    rows = [
-        {"id": i.id, "name": i.name, "state": i.state, "address": i.address(environment.address),
-         "health": health.get(i.id, "not registered"), "in_service": health.get(i.id) == "InService",
-         "revision": i.tags.get(aws.TAG_REVISION, ""), "release": i.tags.get(aws.TAG_RELEASE, "")}
-        for i in [*by_tag, *registered]
-    ]
-    if registered_only:
-        rows = [r for r in rows if r["id"] in health]
-    return sorted(rows, key=lambda r: (len(r["name"]), r["name"]))
-
-
-def describe_load_balancer(*, region: str, aws_endpoint_url: str, aws_credentials: str, load_balancer_name: str) -> dict:
-    account = aws.Account.from_reference(region, aws_endpoint_url, aws_credentials)
-    return aws.describe_classic_load_balancer(account, load_balancer_name)

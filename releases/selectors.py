@@ -6,6 +6,9 @@ from datetime import datetime
 
 from django.db.models import Prefetch, QuerySet
 
+from deployer import aws
+
+from . import engine
 from .logs import line_dict
 from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, Step
 
@@ -156,3 +159,25 @@ def log_text(release_id: int):
         for line in lines:
             yield f"{line.seq}\t{line.at.isoformat()}\t{line.step}\t{line.host or '-'}\t{line.stream}\t{line.text}\n"
         after = lines[-1].seq
+
+
+def environment_instances(environment: Environment, *, registered_only: bool = False) -> list[dict]:
+    """The environment's instances as AWS reports them, with their load balancer health."""
+    cloud = engine.cloud_for_environment(environment)
+    health = cloud.health()
+    by_tag = cloud.instances(tags={aws.TAG_ENVIRONMENT: environment.name}, states=("pending", "running", "stopping", "stopped"))
+    registered = [i for i in cloud.instances(ids=list(health)) if i.id not in {b.id for b in by_tag}] if health else []
+    rows = [
+        {"id": i.id, "name": i.name, "state": i.state, "address": i.address(environment.address),
+         "health": health.get(i.id, "not registered"), "in_service": health.get(i.id) == "InService",
+         "revision": i.tags.get(aws.TAG_REVISION, ""), "release": i.tags.get(aws.TAG_RELEASE, "")}
+        for i in [*by_tag, *registered]
+    ]
+    if registered_only:
+        rows = [r for r in rows if r["id"] in health]
+    return sorted(rows, key=lambda r: (len(r["name"]), r["name"]))
+
+
+def describe_load_balancer(*, region: str, aws_endpoint_url: str, aws_credentials: str, load_balancer_name: str) -> dict:
+    account = aws.Account.from_reference(region, aws_endpoint_url, aws_credentials)
+    return aws.describe_classic_load_balancer(account, load_balancer_name)

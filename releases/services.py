@@ -12,6 +12,9 @@ import re
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from deployer import git
+from deployer.errors import AdapterError
+
 
 from . import audit, permissions, plan, tasks, transitions
 from .models import Approval, Environment, Recipe, Release, Step
@@ -53,6 +56,17 @@ def validate_revision(revision: str) -> str:
         raise BadInput("revision is required: a branch, tag or commit", field="revision")
     if len(revision) > 200 or _BAD_REVISION.search(revision):
         raise BadInput(f"{revision[:60]!r} is not a valid branch, tag or commit name", field="revision")
+    return revision
+
+
+def revision_check(*, environment: Environment, revision: str) -> str:
+    """A valid name the repository has (when the repository can be asked)."""
+    revision = validate_revision(revision)
+    try:
+        if git.resolve(environment.repository, revision) is None:
+            raise BadInput(f"{environment.repository} has no branch or tag {revision!r}", field="revision")
+    except AdapterError:
+        pass  # out of reach from the web server; the deploy step will say so
     return revision
 
 

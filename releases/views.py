@@ -19,10 +19,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from deployer import git
 from deployer.errors import AdapterError
 
-from . import engine, permissions, plan, selectors, services
+from . import permissions, plan, selectors, services
 from .forms import (AuditFilterForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, ImportLookupForm, OptionsForm, RecipeForm,
                     RevisionForm)
 from .models import Environment, Recipe, Release
@@ -81,7 +80,7 @@ def environment_list(request):
 def environment_detail(request, name: str):
     environment = get_object_or_404(Environment.objects.select_related("recipe"), name=name)
     try:
-        instances, error = engine.environment_instances(environment), ""
+        instances, error = selectors.environment_instances(environment), ""
     except AdapterError as exc:
         instances, error = [], str(exc)
     return render(request, "releases/environment.html", {
@@ -120,7 +119,7 @@ def environment_import(request):
     if request.GET and lookup.is_valid():
         data = lookup.cleaned_data
         try:
-            found = engine.describe_load_balancer(**data)
+            found = selectors.describe_load_balancer(**data)
         except AdapterError as exc:
             lookup.add_error(None, str(exc))
         else:
@@ -188,16 +187,10 @@ def release_new(request):
 
 def _revision_exists(form, environment: Environment, revision: str) -> bool:
     try:
-        services.validate_revision(revision)
+        services.revision_check(environment=environment, revision=revision)
     except services.ServiceError as exc:
         form.add_error("revision", str(exc))
         return False
-    try:
-        if git.resolve(environment.repository, revision) is None:
-            form.add_error("revision", f"{environment.repository} has no branch or tag {revision!r}")
-            return False
-    except AdapterError:
-        pass  # the repository is out of reach from here; the deploy step will say so
     return True
 
 
@@ -207,7 +200,7 @@ def _wizard_context(step: str, form, data: dict, environment: Environment | None
         strategy = data.get("strategy", "bake")
         context["plan"] = plan.STRATEGIES.get(strategy, ())
         try:
-            context["retiring"] = engine.environment_instances(environment, registered_only=True)
+            context["retiring"] = selectors.environment_instances(environment, registered_only=True)
         except AdapterError as exc:
             context["retiring"], context["aws_error"] = [], str(exc)
         context["new_count"] = int(data.get("clone_count") or environment.desired_count)
