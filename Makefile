@@ -8,7 +8,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/greenlight
 # A Redis database of their own, so a running demo worker never takes test tasks.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: demo test bench lint install install-dev sandbox clean
+.PHONY: demo test bench lint browser install install-dev sandbox clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,12 +32,19 @@ demo: install
 	$(BIN)/python manage.py demo --port $(PORT)
 
 ## Run the test suite against PostgreSQL and Redis (after a quick lint)
-test: install-dev lint
+test: install-dev lint browser
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## Measure the log pipeline's throughput (prints a table)
 bench: install-dev
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest benchmarks -q -s -p no:cacheprovider
+
+## The browser tests drive Debian's Chromium (or $$CHROMIUM); installed here when we may
+browser:
+	@test -n "$$CHROMIUM" || command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "make test needs Chromium: sudo apt-get install chromium (or set CHROMIUM=/path/to/chromium)"; exit 1; fi; }
 
 ## Undefined names, unused imports, syntax errors
 lint: install-dev

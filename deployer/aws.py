@@ -108,6 +108,10 @@ def _instance_info(raw: dict) -> InstanceInfo:
     )
 
 
+def _tags(tags: dict) -> list[dict]:
+    return [{"Key": key, "Value": value} for key, value in tags.items()]
+
+
 Mutation = Callable[[str, str, str], None]  # (action, resource, request id)
 
 
@@ -192,7 +196,7 @@ class Cloud:
             MinCount=1,
             MaxCount=1,
             ClientToken=client_token,
-            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in all_tags.items()]}],
+            TagSpecifications=[{"ResourceType": "instance", "Tags": _tags(all_tags)}],
         )
         return _instance_info(response["Instances"][0])
 
@@ -249,7 +253,7 @@ class Cloud:
                 self.ec2.create_image,
                 InstanceId=instance_id,
                 Name=name,
-                TagSpecifications=[{"ResourceType": "image", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}],
+                TagSpecifications=[{"ResourceType": "image", "Tags": _tags(tags)}],
             )["ImageId"]
         deadline = time.monotonic() + timeout
         while True:

@@ -13,8 +13,7 @@ import io
 import select
 import socket
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paramiko
@@ -177,27 +176,3 @@ def run(
         raise AdapterError(f"SSH session to {target.host}:{target.port} failed: {exc}") from None
     finally:
         client.close()
-
-
-def run_many(
-    jobs: Iterable[tuple[Target, str]],
-    *,
-    max_workers: int = 8,
-    **kwargs,
-) -> dict[str, Result | AdapterError]:
-    """Run commands on many hosts at once; each host maps to its Result or error.
-
-    The shape of Fabric's GroupResult: one failing host never hides the others.
-    """
-    jobs = list(jobs)
-
-    def one(job):
-        target, command = job
-        try:
-            return run(target, command, **kwargs)
-        except AdapterError as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs) or 1))) as pool:
-        results = pool.map(one, jobs)
-        return {target.host: result for (target, _), result in zip(jobs, results)}

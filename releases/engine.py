@@ -40,15 +40,15 @@ def worker_id() -> str:
 class Heartbeat:
     """Extends a lease while the work runs, from a thread of its own."""
 
-    def __init__(self, rows, **extend):
-        self.rows, self.extend = rows, extend  # e.g. Step.objects.filter(pk=..., lease_owner=me), "lease_expires_at"
+    def __init__(self, rows, field: str):
+        self.rows, self.field = rows, field  # the leased row (still ours), and its expiry column
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         try:
             while not self.stop.wait(HEARTBEAT_SECONDS):
-                self.rows.update(**{field: timezone.now() + LEASE for field in self.extend})
+                self.rows.update(**{self.field: timezone.now() + LEASE})
         finally:
             connection.close()
 
@@ -61,21 +61,29 @@ class Heartbeat:
         self.thread.join()
 
 
-def cloud_for(release: Release) -> aws.Cloud:
-    env = release.plan["environment"]
+def account_for(settings: dict) -> aws.Account:
+    """`settings`: a release's frozen environment, or `plan.settings_of(environment)`."""
+    return aws.Account.from_reference(settings["region"], settings["aws_endpoint_url"], settings["aws_credentials"])
+
+
+def cloud_for(settings: dict, on_mutation=None) -> aws.Cloud:
+    return aws.Cloud(account_for(settings), load_balancer_name=settings["load_balancer_name"],
+                     target_group_arn=settings["target_group_arn"], on_mutation=on_mutation)
+
+
+def release_cloud(release: Release) -> aws.Cloud:
+    """The release's cloud, every mutation audited against the release."""
 
     def on_mutation(action: str, resource: str, request_id: str) -> None:
         audit.record(f"aws:{action}", target=resource, release=release, request_id=request_id)
 
-    account = aws.Account.from_reference(env["region"], env["aws_endpoint_url"], env["aws_credentials"])
-    return aws.Cloud(account, load_balancer_name=env["load_balancer_name"], target_group_arn=env["target_group_arn"], on_mutation=on_mutation)
+    return cloud_for(release.plan["environment"], on_mutation)
 
 
 def secrets_of(release: Release) -> list[str]:
     """Values the log must never show: the environment's own secrets."""
-    env = release.plan["environment"]
     try:
-        account = aws.Account.from_reference(env["region"], env["aws_endpoint_url"], env["aws_credentials"])
+        account = account_for(release.plan["environment"])
     except AdapterError:
         return []
     return [s for s in (account.secret_access_key, account.access_key_id) if s and s != "sandbox"]
@@ -127,8 +135,8 @@ def run_step(release: Release, step: Step, owner: str) -> bool:
     writer.write(step.key, f"{step.key} started (attempt {step.attempts})")
     context = None
     try:
-        with Heartbeat(Step.objects.filter(pk=step.pk, lease_owner=owner, status=S.RUNNING), lease_expires_at=True):
-            context = steps.Context(release=release, step=step, cloud=cloud_for(release), log=writer)
+        with Heartbeat(Step.objects.filter(pk=step.pk, lease_owner=owner, status=S.RUNNING), "lease_expires_at"):
+            context = steps.Context(release=release, step=step, cloud=release_cloud(release), log=writer)
             result = steps.ACTIONS[step.key](context) or {}
     except steps.Cancelled:
         writer.write(step.key, "cancelled", stream="stderr")
@@ -149,6 +157,7 @@ def run_step(release: Release, step: Step, owner: str) -> bool:
 
 
 def fail(release: Release, step: Step, owner: str, writer: LogWriter, reason: str) -> bool:
+    reason = writer.redact(reason)  # the error is shown on the page and in the API too
     writer.write(step.key, f"{step.key} failed: {reason}", stream="stderr")
     writer.flush()
     with transaction.atomic():
@@ -160,7 +169,7 @@ def fail(release: Release, step: Step, owner: str, writer: LogWriter, reason: st
 def open_gate(release: Release, step: Step) -> None:
     if step.status != S.PENDING:
         return
-    context = steps.Context(release=release, step=step, cloud=cloud_for(release), log=LogWriter(release.pk))
+    context = steps.Context(release=release, step=step, cloud=release_cloud(release), log=LogWriter(release.pk))
     try:
         card = steps.GATE_CARDS[step.key](context)
     except AdapterError as exc:
@@ -200,12 +209,13 @@ def rollback(release_id: int) -> None:
     Release.objects.filter(pk=release.pk).update(state=release.state)
     writer = LogWriter(release.pk, secrets=secrets_of(release))
     try:
-        with Heartbeat(Release.objects.filter(pk=release.pk, rollback_owner=owner), rollback_lease_until=True):
-            steps.roll_back(steps.Context(release=release, step=None, cloud=cloud_for(release), log=writer))
+        with Heartbeat(Release.objects.filter(pk=release.pk, rollback_owner=owner), "rollback_lease_until"):
+            steps.roll_back(steps.Context(release=release, step=None, cloud=release_cloud(release), log=writer))
     except AdapterError as exc:
         writer.write("rollback", f"rollback failed: {exc}", stream="stderr")
         writer.flush()
-        transitions.release(release.pk, from_=(R.ROLLING_BACK,), to=R.FAILED, error=f"rollback: {exc}", rollback_lease_until=None)
+        transitions.release(release.pk, from_=(R.ROLLING_BACK,), to=R.FAILED, error=writer.redact(f"rollback: {exc}"),
+                            rollback_lease_until=None)
         return
     writer.flush()
     release.refresh_from_db()
@@ -240,7 +250,7 @@ def sweep() -> dict:
         retention = timedelta(seconds=release.plan["environment"]["retention"])
         if release.finished_at + retention < now and release.state.get("old") and not release.state.get("old_terminated"):
             try:
-                cloud_for(release).terminate(release.state["old"])
+                release_cloud(release).terminate(release.state["old"])
             except AdapterError as exc:
                 log.warning("cannot terminate the old instances of release %s: %s", release.pk, exc)
                 continue
@@ -248,9 +258,4 @@ def sweep() -> dict:
             Release.objects.filter(pk=release.pk).update(state=release.state)
             terminated += 1
     return {"requeued": requeued, "expired": expired, "terminated": terminated}
-
-
-def cloud_for_environment(environment: Environment) -> aws.Cloud:
-    account = aws.Account.from_reference(environment.region, environment.aws_endpoint_url, environment.aws_credentials)
-    return aws.Cloud(account, load_balancer_name=environment.load_balancer_name, target_group_arn=environment.target_group_arn)
 

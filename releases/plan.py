@@ -46,12 +46,16 @@ class PlanError(ValueError):
     pass
 
 
+def settings_of(environment) -> dict:
+    return {field: getattr(environment, field) for field in ENVIRONMENT_FIELDS}
+
+
 def freeze(environment, *, strategy: str, revision: str, fleet_size: int) -> dict:
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose {' or '.join(STRATEGIES)}")
     if fleet_size < 1:
         raise PlanError("the fleet needs at least one instance")
-    settings = {field: getattr(environment, field) for field in ENVIRONMENT_FIELDS}
+    settings = settings_of(environment)
     if strategy == "deploy_from_image" and not environment.last_baked_ami:
         raise PlanError(f"{environment.name} has no baked image yet; run a bake release first")
     settings["image"] = environment.last_baked_ami if strategy == "deploy_from_image" else environment.base_ami

@@ -8,7 +8,7 @@ from django.db.models import Prefetch, QuerySet
 
 from deployer import aws
 
-from . import engine
+from . import engine, plan
 from .logs import line_dict
 from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, Step
 
@@ -163,7 +163,7 @@ def log_text(release_id: int):
 
 def environment_instances(environment: Environment, *, registered_only: bool = False) -> list[dict]:
     """The environment's instances as AWS reports them, with their load balancer health."""
-    cloud = engine.cloud_for_environment(environment)
+    cloud = engine.cloud_for(plan.settings_of(environment))
     health = cloud.health()
     by_tag = cloud.instances(tags={aws.TAG_ENVIRONMENT: environment.name}, states=("pending", "running", "stopping", "stopped"))
     registered = [i for i in cloud.instances(ids=list(health)) if i.id not in {b.id for b in by_tag}] if health else []
@@ -179,5 +179,5 @@ def environment_instances(environment: Environment, *, registered_only: bool = F
 
 
 def describe_load_balancer(*, region: str, aws_endpoint_url: str, aws_credentials: str, load_balancer_name: str) -> dict:
-    account = aws.Account.from_reference(region, aws_endpoint_url, aws_credentials)
+    account = engine.account_for({"region": region, "aws_endpoint_url": aws_endpoint_url, "aws_credentials": aws_credentials})
     return aws.describe_classic_load_balancer(account, load_balancer_name)

@@ -70,6 +70,11 @@ def revision_check(*, environment: Environment, revision: str) -> str:
     return revision
 
 
+def _close_open_gates(release: Release, reason: str) -> None:
+    for gate in release.steps.filter(status=S.AWAITING_APPROVAL):
+        transitions.step(gate.pk, from_=(S.AWAITING_APPROVAL,), to=S.FAILED, error=reason, finished_at=timezone.now())
+
+
 def _queue(task, release_id: int) -> None:
     transaction.on_commit(lambda: task.delay(release_id))
 
@@ -178,7 +183,7 @@ def release_cancel(*, release: Release, actor, source_ip: str | None = None) -> 
     Release.objects.filter(pk=release.pk).update(cancel_requested=True)
     audit.record("release.cancel", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk}")
     if release.status in (R.AWAITING_APPROVAL, R.FAILED):
-        Step.objects.filter(release=release, status=S.AWAITING_APPROVAL).update(status=S.FAILED, error="cancelled", finished_at=timezone.now())
+        _close_open_gates(release, "cancelled")
         transitions.release(release.pk, from_=(R.AWAITING_APPROVAL, R.FAILED), to=R.ROLLING_BACK)
         _queue(tasks.rollback_release, release.pk)
     else:
@@ -223,7 +228,7 @@ def release_rollback(*, release: Release, actor, source_ip: str | None = None) -
         raise Conflict(f"{release.environment.name} has another active release") from None
     if not changed:
         raise Conflict(f"release {release.pk} changed a moment ago")
-    Step.objects.filter(release=release, status=S.AWAITING_APPROVAL).update(status=S.FAILED, error="rolled back", finished_at=timezone.now())
+    _close_open_gates(release, "rolled back")
     audit.record("release.rollback", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk}")
     _queue(tasks.rollback_release, release.pk)
     release.refresh_from_db()

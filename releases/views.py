@@ -265,11 +265,11 @@ def release_log_download(request, release_id: int):
     return response
 
 
-def _act(request, release_id: int, action):
+def _act(request, release_id: int, service, done: str, **kwargs):
     release = get_object_or_404(Release.objects.select_related("environment"), pk=release_id)
     try:
-        message = action(release)
-        messages.success(request, message)
+        service(release=release, actor=request.user, source_ip=client_ip(request), **kwargs)
+        messages.success(request, done)
     except services.ServiceError as exc:
         messages.warning(request, str(exc))
     return redirect("release", release_id=release_id)
@@ -282,20 +282,24 @@ def release_decide(request, release_id: int, key: str, decision: str):
         raise Http404("approve or reject")
     form = DecisionForm(request.POST)
     comment = form.cleaned_data["comment"] if form.is_valid() else ""
-    service = services.gate_approve if decision == "approve" else services.gate_reject
-    return _act(request, release_id, lambda release: (
-        service(release=release, key=key, actor=request.user, comment=comment, source_ip=client_ip(request)),
-        f"{'Approved' if decision == 'approve' else 'Rejected'} {key}.")[1])
+    if decision == "approve":
+        return _act(request, release_id, services.gate_approve, f"Approved {key}.", key=key, comment=comment)
+    return _act(request, release_id, services.gate_reject, f"Rejected {key}.", key=key, comment=comment)
+
+
+ACTIONS = {
+    "cancel": (services.release_cancel, "Cancelling: cleaning up."),
+    "retry": (services.release_retry, "Retrying the failed step."),
+    "rollback": (services.release_rollback, "Rolling back."),
+}
 
 
 @require_POST
 @login_required
 def release_action(request, release_id: int, action: str):
-    if action not in ("cancel", "retry", "rollback"):
+    if action not in ACTIONS:
         raise Http404("cancel, retry or rollback")
-    service = {"cancel": services.release_cancel, "retry": services.release_retry, "rollback": services.release_rollback}[action]
-    done = {"cancel": "Cancelling: cleaning up.", "retry": "Retrying the failed step.", "rollback": "Rolling back."}[action]
-    return _act(request, release_id, lambda release: (service(release=release, actor=request.user, source_ip=client_ip(request)), done)[1])
+    return _act(request, release_id, *ACTIONS[action])
 
 
 # -- audit ----------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ def ravi():
 
 
 def cloud(environment: Environment) -> aws.Cloud:
-    return aws.Cloud(aws.Account.from_reference(environment.region, environment.aws_endpoint_url, environment.aws_credentials),
-                     load_balancer_name=environment.load_balancer_name)
+    from releases import engine, plan
+
+    return engine.cloud_for(plan.settings_of(environment))
 
 
 def start(user, revision: str, **extra) -> int:
@@ -252,7 +253,7 @@ def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, d
         release.steps.create(position=n, key=step["key"], kind=step["kind"])
 
     def run(key):
-        context = steps.Context(release=release, step=release.steps.get(key=key), cloud=engine.cloud_for(release), log=LogWriter(release.pk))
+        context = steps.Context(release=release, step=release.steps.get(key=key), cloud=engine.release_cloud(release), log=LogWriter(release.pk))
         return steps.ACTIONS[key](context)
 
     first = run("launch")
@@ -285,7 +286,7 @@ def test_a_command_printing_100000_lines_reaches_the_log_complete_and_in_order(p
     step = release.steps.create(position=0, key="deploy", kind="action")
     host = release_sandbox.launch(name="flood")
     row = Instance.objects.create(release=release, instance_id=host["InstanceId"], name="flood", role="canary", address=host["PrivateIpAddress"])
-    context = steps.Context(release=release, step=step, cloud=engine.cloud_for(release), log=LogWriter(release.pk))
+    context = steps.Context(release=release, step=step, cloud=engine.release_cloud(release), log=LogWriter(release.pk))
 
     steps.run_phase(context, "deploy", [row])
     context.log.flush()
