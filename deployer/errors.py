@@ -4,3 +4,11 @@ class AdapterError(Exception):
     Adapters (AWS, SSH) translate every library exception into this, so the
     engine handles one thing and no library detail (or secret) leaks upward.
     """
+
+
+class Cancelled(AdapterError):
+    """A person cancelled while the command ran.
+
+    Its own class so the engine can tell a cancel (roll back, quietly) from a
+    failure; still an AdapterError, so code that knows only that one stops too.
+    """

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from .errors import AdapterError
+from .errors import AdapterError, Cancelled
 
 LineCallback = Callable[[str, str], None]  # (stream, text)
 
@@ -137,9 +137,10 @@ def run(
 ) -> Result:
     """Run one command; stream its stdout and stderr lines as they come.
 
-    Raises AdapterError when the host cannot be reached, the command outlives
-    `timeout` seconds, or `cancelled()` turns true; a non-zero exit is a
-    Result, not an error, so the caller decides what it means.
+    Raises AdapterError when the host cannot be reached or the command
+    outlives `timeout` seconds, and Cancelled (an AdapterError) when
+    `cancelled()` turns true; a non-zero exit is a Result, not an error, so
+    the caller decides what it means.
     """
     client, presented = connect(target)
     try:
@@ -166,7 +167,7 @@ def run(
             if time.monotonic() > deadline:
                 raise AdapterError(f"command timed out after {timeout:g}s on {target.host}")
             if cancelled and cancelled():
-                raise AdapterError(f"command cancelled on {target.host}")
+                raise Cancelled(f"command cancelled on {target.host}")
             if not busy:
                 select.select([channel], [], [], 0.2)
         out.flush()

@@ -1,0 +1,195 @@
+"""Run a recipe's *local* commands on the worker, streaming their output.
+
+A command (`knife solo cook ...`, say) starts processes of its own, so it
+runs in a session of its own: one process group that can be ended as a
+whole. Killing only the shell would leave its children running, and a child
+that still holds the output pipes would keep the readers waiting forever.
+
+Whatever happens -- the command exits, times out, is cancelled, or the line
+callback raises -- `run` returns only once no process of the group is left
+(what the command left running in the background is ended too), and it
+never waits on pipes that an escaped process still holds open.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+from .errors import AdapterError, Cancelled
+from .ssh import LineCallback, _LineSplitter
+
+POLL_SECONDS = 0.2  # how often a quiet command's deadline and cancel are checked
+GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL, to let tools clean up
+KILL_WAIT_SECONDS = 5.0  # for the kernel to take SIGKILLed processes away
+
+
+def run(
+    command: str,
+    *,
+    timeout: float,
+    on_line: LineCallback | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    cwd: str | None = None,
+    env: dict | None = None,
+) -> int:
+    """Run `/bin/sh -c command` on the worker; return its exit status.
+
+    Streams stdout and stderr lines to `on_line(stream, text)` as they come.
+    Raises AdapterError when it outlives `timeout` seconds and Cancelled when
+    `cancelled()` turns true, each only after the whole group has ended; a
+    non-zero exit is a status, not an error, so the caller decides.
+    """
+    process = subprocess.Popen(
+        ["/bin/sh", "-c", command],
+        stdin=subprocess.DEVNULL,  # a command that asks a question gets EOF, not the worker's stdin
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, so it can be ended as a whole
+        cwd=cwd,
+        env=env,
+    )
+    pipes = _Pipes(process, on_line)
+    try:
+        stopped = _watch(process, pipes, timeout, cancelled)
+    finally:  # also on KeyboardInterrupt or SystemExit: nothing the command started may outlive it
+        _end_group(process, pipes)
+        pipes.close()
+    if stopped or pipes.failure:
+        raise stopped or pipes.failure
+    return process.returncode
+
+
+def _watch(process: subprocess.Popen, pipes: _Pipes, timeout: float, cancelled) -> Exception | None:
+    """Stream output until the shell exits; the error to raise if it must be stopped first."""
+    deadline = time.monotonic() + timeout
+    next_cancel_check = 0.0
+    while process.poll() is None:
+        pipes.read(POLL_SECONDS)
+        if pipes.failure:
+            return pipes.failure
+        now = time.monotonic()
+        if now > deadline:
+            return AdapterError(f"command timed out after {timeout:g}s on the worker")
+        if cancelled and now >= next_cancel_check:  # a busy command must not ask on every chunk
+            next_cancel_check = now + POLL_SECONDS
+            if cancelled():
+                return Cancelled("command cancelled on the worker")
+    return None
+
+
+def _end_group(process: subprocess.Popen, pipes: _Pipes) -> None:
+    """SIGTERM the group, a grace, then SIGKILL; read output meanwhile so no one blocks on a full pipe."""
+    group = process.pid  # start_new_session: the shell leads a group of its own id
+    for sig, wait in ((signal.SIGTERM, GRACE_SECONDS), (signal.SIGKILL, KILL_WAIT_SECONDS)):
+        process.poll()  # reap the shell, so it does not count as left as a zombie
+        if not _group_alive(group):
+            break
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while _group_alive(group) and time.monotonic() < deadline:
+            pipes.read(0.05)
+            process.poll()
+    process.wait()
+    pipes.drain()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the group still runs (zombies do not: they hold no pipes and run nothing).
+
+    Orphaned members are reaped by whatever PID 1 is, which in a container
+    may never happen, so asking kill(0) would wait on zombies forever.
+    """
+    try:
+        entries = os.scandir("/proc")
+    except FileNotFoundError:  # not Linux: kill(0) is the best there is
+        try:
+            os.killpg(group, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    with entries:
+        for entry in entries:
+            if entry.name.isdigit() and _running_in(entry.name, group):
+                return True
+    return False
+
+
+def _running_in(pid: str, group: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False  # it went away while we looked
+    return int(fields[2]) == group and fields[0] not in (b"Z", b"X")
+
+
+class _Pipes:
+    """The command's stdout and stderr, read as data arrives, split into lines."""
+
+    def __init__(self, process: subprocess.Popen, on_line: LineCallback | None):
+        # the first exception on_line raised; kept, not raised, so the group is still ended
+        self.failure: Exception | None = None
+        self.selector = selectors.DefaultSelector()
+        for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr")):
+            os.set_blocking(pipe.fileno(), False)
+            self.selector.register(pipe, selectors.EVENT_READ, _LineSplitter(name, on_line))
+
+    def read(self, wait: float) -> bool:
+        """Read what arrives within `wait` seconds; whether anything did."""
+        if not self.selector.get_map():
+            time.sleep(wait)  # both closed while the command runs on
+            return False
+        got = False
+        for key, _ in self.selector.select(wait):
+            try:
+                data = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            if data:
+                self._feed(key.data, data)
+                got = True
+            else:  # every writer closed it
+                self._finish(key)
+        return got
+
+    def drain(self) -> None:
+        """Read what is left without waiting: a process that escaped the group may hold a pipe forever."""
+        while self.selector.get_map() and self.read(0):
+            pass
+        # pipes that hit EOF during the last read are finished; the rest are given up on
+        for key in list(self.selector.get_map().values()):
+            self._finish(key)
+
+    def close(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            self._finish(key)
+        self.selector.close()
+
+    def _feed(self, lines: _LineSplitter, data: bytes) -> None:
+        try:
+            lines.feed(data)
+        except Exception as exc:
+            self._mute(exc)
+
+    def _mute(self, exc: Exception) -> None:
+        """Drop the output from now on: the callback that failed would fail again."""
+        self.failure = self.failure or exc
+        for key in self.selector.get_map().values():
+            key.data.on_line = None
+
+    def _finish(self, key: selectors.SelectorKey) -> None:
+        self.selector.unregister(key.fileobj)
+        try:
+            key.data.flush()
+        except Exception as exc:
+            self._mute(exc)
+        key.fileobj.close()
