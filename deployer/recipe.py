@@ -7,16 +7,21 @@ A recipe is plain data (it is stored as JSON on the Recipe model)::
       "roles": {"canary": {"branch": "release"}},
       "tasks": {
         "deploy:update": {"run": "remote", "commands": ["git -C {deploy_to} checkout {revision}"]},
-        "provision:prepare": {"run": "local", "commands": ["knife solo prepare {ssh_user}@{host} -i {ssh_key_file}"]}
+        "provision:prepare": {"run": "local", "commands": ["knife solo prepare {ssh_user}@{host} -i {ssh_key_file}"],
+                              "timeout": 1800}
       },
       "phases": {"provision": ["provision:prepare"], "deploy": ["deploy:update"]}
     }
 
 A role names the hosts a step targets (`canary`, `new`, `old`) and may set
-its own parameter values, like a Cinnamon role. A *remote* task runs over SSH on every host of the role; a *local* task runs
-on the worker once per host. Templates may use only the recipe's declared
-parameters and the built-ins below, and every value is shell-quoted when it
-is filled in, so a parameter can never add a command.
+its own parameter values, like a Cinnamon role. A *remote* task runs over
+SSH on every host of the role; a *local* task runs on the worker once per
+host. A task may set `timeout`, the seconds each of its commands may take
+(a whole number from 1 to 86400: a cookbook run may need far longer than a
+`git checkout`); without one, the environment's command timeout applies.
+Templates may use only the recipe's declared parameters and the built-ins
+below, and every value is shell-quoted when it is filled in, so a parameter
+can never add a command.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ BUILTIN_PARAMS = frozenset(
     }
 )
 RUN_KINDS = ("remote", "local")
+TASK_KEYS = frozenset({"run", "commands", "timeout"})
+MAX_TIMEOUT = 86400  # a day: longer is a command that hangs, not one that works
 
 
 class RecipeError(ValueError):
@@ -52,6 +59,7 @@ class Command:
     task: str
     run: str  # "remote" or "local"
     text: str  # the rendered, quoted shell command
+    timeout: int | None = None  # seconds; None: the environment's command timeout
 
 
 def template_fields(template: str) -> list[str]:
@@ -71,6 +79,11 @@ def template_fields(template: str) -> list[str]:
             )
         fields.append(field)
     return fields
+
+
+def valid_timeout(value: object) -> bool:
+    # bool is an int to Python, and JSON's 1.5 or "60" would hide a typo
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_TIMEOUT
 
 
 def validate(recipe: object) -> dict:
@@ -102,10 +115,14 @@ def validate(recipe: object) -> dict:
     if not isinstance(tasks, dict) or not tasks:
         raise RecipeError("tasks maps task names to {run, commands}")
     for name, task in tasks.items():
-        if not isinstance(task, dict) or set(task) - {"run", "commands"}:
-            raise RecipeError(f"task {name}: expected {{run, commands}}")
+        if not isinstance(task, dict):
+            raise RecipeError(f"task {name}: expected {{run, commands, timeout}}")
+        if unknown := set(task) - TASK_KEYS:
+            raise RecipeError(f"task {name}: unknown keys {', '.join(sorted(unknown))} (a task has run, commands, timeout)")
         if task.get("run", "remote") not in RUN_KINDS:
             raise RecipeError(f"task {name}: run must be remote or local")
+        if "timeout" in task and not valid_timeout(task["timeout"]):
+            raise RecipeError(f"task {name}: timeout is a whole number of seconds from 1 to {MAX_TIMEOUT}")
         commands = task.get("commands")
         if not isinstance(commands, list) or not commands or not all(isinstance(c, str) and c.strip() for c in commands):
             raise RecipeError(f"task {name}: commands is a non-empty list of strings")
@@ -138,5 +155,5 @@ def render(recipe: dict, phase: str, values: dict, role: str = "") -> list[Comma
             missing = [f for f in template_fields(template) if f not in quoted]
             if missing:
                 raise RecipeError(f"task {task_name}: no value for {', '.join(missing)}")
-            commands.append(Command(task_name, task.get("run", "remote"), template.format(**quoted)))
+            commands.append(Command(task_name, task.get("run", "remote"), template.format(**quoted), task.get("timeout")))
     return commands

@@ -79,3 +79,42 @@ def test_a_parameter_known_only_to_a_role_has_no_value_elsewhere():
     assert render(recipe, "deploy", {}, role="canary")[0].text == "echo green"
     with pytest.raises(RecipeError, match="no value for color"):
         render(recipe, "deploy", {}, role="old")
+
+
+def test_a_task_s_timeout_reaches_its_commands():
+    recipe = recipe_with("knife solo cook {deploy_to}", "true")
+    recipe["tasks"]["deploy:update"]["timeout"] = 1800
+
+    commands = render(validate(recipe), "deploy", {})
+
+    assert [c.timeout for c in commands] == [1800, 1800]
+
+
+def test_a_task_without_a_timeout_leaves_it_to_the_environment():
+    [command] = render(validate(recipe_with("true")), "deploy", {})
+
+    assert command.timeout is None
+
+
+@pytest.mark.parametrize("timeout", [0, -5, 86401, 1.5, "60", True, None])
+def test_a_timeout_is_a_whole_number_of_seconds_up_to_a_day(timeout):
+    recipe = recipe_with("true")
+    recipe["tasks"]["deploy:update"]["timeout"] = timeout
+
+    with pytest.raises(RecipeError, match="deploy:update: timeout is a whole number of seconds from 1 to 86400"):
+        validate(recipe)
+
+
+def test_a_day_is_the_longest_timeout():
+    recipe = recipe_with("true")
+    recipe["tasks"]["deploy:update"]["timeout"] = 86400
+
+    assert validate(recipe) is recipe
+
+
+def test_it_names_an_unknown_task_key():
+    recipe = recipe_with("true")
+    recipe["tasks"]["deploy:update"]["timout"] = 60
+
+    with pytest.raises(RecipeError, match=r"deploy:update: unknown keys timout \(a task has run, commands, timeout\)"):
+        validate(recipe)
