@@ -3,24 +3,32 @@
 Lines are stored first (numbered per release, so a browser that missed a
 broadcast asks for `after=<seq>` and gets exactly what it lacks) and sent to
 the release's group second, in batches, because one channel-layer message
-per line tops out near a thousand lines a second.
+per line tops out near a thousand lines a second. A line that no other line
+follows is stored within about half a second anyway, by a background thread.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from . import broadcast
 from .models import LogLine, Release
 
+log = logging.getLogger(__name__)
+
 BATCH_LINES = 500
 BATCH_SECONDS = 0.25
+QUIET_SECONDS = 0.25  # after this long with no flush, the background flusher stores what is pending
+FLUSHER_TICK_SECONDS = 0.1  # how often it looks: a line waits at most QUIET_SECONDS plus this
+FLUSHER_IDLE_SECONDS = 2.0  # a flusher with nothing to store this long ends; the next line starts another
+BACKGROUND_LOCK_TIMEOUT = "1s"  # how long the flusher waits for the release row (see _flush_quietly)
 REDACTED = "[redacted]"
 
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
@@ -58,29 +66,68 @@ class Redactor:
 
 
 class LogWriter:
-    """Collects a release's lines from any thread; flush() stores and sends them."""
+    """Collects a release's lines from any thread; flush() stores and sends them.
+
+    Lines are stored in batches when a new line arrives (BATCH_LINES, or
+    BATCH_SECONDS since the last flush). So that the last line before a quiet
+    spell is not held back until the next one, a background flusher (a thread,
+    started with the first pending line, ending after FLUSHER_IDLE_SECONDS with
+    nothing to do) stores what is pending once QUIET_SECONDS pass with no
+    flush; a busy stream flushes on its writes, so it never competes. close(), or
+    leaving a `with` block, stops that thread and flushes.
+    """
 
     def __init__(self, release_id: int, *, secrets: list[str] = ()):
         self.release_id = release_id
         self.redact = Redactor(secrets)
         self.pending: list[tuple] = []
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards pending, last_flush and the flusher
+        # one flush at a time: a batch taken later must not be numbered first
+        self.flushing = threading.Lock()
         self.last_flush = time.monotonic()
+        self.flusher: _Flusher | None = None
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def write(self, step: str, text: str, *, host: str = "", stream: str = "info") -> None:
         with self.lock:
             self.pending.append((step, host, stream, self.redact(text, (step, host, stream)), timezone.now()))
             due = len(self.pending) >= BATCH_LINES or time.monotonic() - self.last_flush > BATCH_SECONDS
+            if not due and self.flusher is None:
+                self.flusher = _Flusher(self)
         if due:
             self.flush()
 
     def flush(self) -> None:
+        """Store and send every pending line before returning."""
+        with self.flushing:
+            self._store(self._take())
+
+    def close(self) -> None:
+        """Stop the background flusher and flush; a later write starts a new flusher."""
+        with self.lock:
+            flusher, self.flusher = self.flusher, None
+        if flusher:
+            flusher.stop()
+        self.flush()
+
+    def _take(self) -> list[tuple]:
         with self.lock:
             batch, self.pending = self.pending, []
             self.last_flush = time.monotonic()
+        return batch
+
+    def _store(self, batch: list[tuple], *, wait_for_row: str = "") -> None:
         if not batch:
             return
         with transaction.atomic():
+            if wait_for_row and connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute(f"SET LOCAL lock_timeout = '{wait_for_row}'")
             # numbers are handed out under the release row's lock, so two
             # writers (a step and a rollback, say) never share a number
             Release.objects.filter(pk=self.release_id).update(log_seq=F("log_seq") + len(batch))
@@ -92,6 +139,72 @@ class LogWriter:
             ]
             LogLine.objects.bulk_create(rows)
         broadcast.log_lines(self.release_id, [line_dict(row) for row in rows])
+
+    def _flush_quietly(self) -> bool:
+        """The flusher's flush: True if it stored lines, False if there were none.
+
+        It gives up rather than wait long for the release row: a caller that
+        holds that row in a transaction and then flushes would wait on this
+        thread while this thread waits on it. Lines it could not store go back
+        in front, in order, for the next flush(), close() or flusher.
+        """
+        with self.lock:
+            if not self.pending or time.monotonic() - self.last_flush < QUIET_SECONDS:
+                return False  # nothing waits, or writes are flushing: a batch of their own is cheaper
+        with self.flushing:
+            batch = self._take()  # empty if a write's flush took the lines meanwhile
+            if not batch:
+                return False
+            try:
+                self._store(batch, wait_for_row=BACKGROUND_LOCK_TIMEOUT)
+            except Exception:
+                with self.lock:
+                    self.pending[:0] = batch
+                raise
+        return True
+
+    def _retire(self, flusher: _Flusher, *, even_with_lines_pending: bool = False) -> bool:
+        """Forget `flusher`, so the next write starts another; False if lines wait for it."""
+        with self.lock:  # under the lock write() checks, so no line is left without a flusher
+            if self.pending and not even_with_lines_pending:
+                return False
+            if self.flusher is flusher:
+                self.flusher = None
+            return True
+
+
+class _Flusher:
+    """The thread that stores a writer's lines when no new line comes to do it.
+
+    A daemon, so a writer nobody closed never keeps a worker from exiting.
+    """
+
+    def __init__(self, writer: LogWriter):
+        self.writer = writer
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name=f"log-flusher-{writer.release_id}", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def run(self) -> None:
+        idle_since = time.monotonic()
+        try:
+            while not self.stopping.wait(FLUSHER_TICK_SECONDS):
+                try:
+                    stored = self.writer._flush_quietly()
+                except Exception:
+                    log.warning("could not store the log lines of release %s yet", self.writer.release_id, exc_info=True)
+                    self.writer._retire(self, even_with_lines_pending=True)  # the next write starts a fresh one
+                    return
+                if stored:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > FLUSHER_IDLE_SECONDS and self.writer._retire(self):
+                    return
+        finally:
+            connection.close()  # this thread's own; Django closes only the request's
 
 
 def line_dict(line: LogLine) -> dict:
