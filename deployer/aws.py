@@ -115,8 +115,33 @@ def _tags(tags: dict) -> list[dict]:
 Mutation = Callable[[str, str, str], None]  # (action, resource, request id)
 
 
+@dataclass(frozen=True)
+class HealthCheck:
+    """A load balancer's own health-check settings, in its seconds."""
+
+    interval: float
+    timeout: float
+    healthy_threshold: int
+    unhealthy_threshold: int
+
+    @property
+    def time_to_healthy(self) -> float:
+        """How long a healthy new instance takes to be called healthy, at best."""
+        return self.interval * self.healthy_threshold
+
+
+# EC2 is eventually consistent: an id just created may be unknown for a few
+# seconds. A call about it that answers one of these is tried again.
+NOT_YET_VISIBLE = ("InvalidInstanceID.NotFound", "InvalidAMIID.NotFound", "InvalidInstance", "InvalidTarget")
+VISIBILITY_RETRIES = (0.5, 1, 2, 4, 8)  # seconds between tries: about 15 s in all
+
+
 class Cloud:
-    """EC2 and one load balancer (a classic ELB or an ELBv2 target group)."""
+    """EC2 and one load balancer (a classic ELB or an ELBv2 target group).
+
+    Nothing here waits: callers ask for states and decide when to ask again,
+    so a wait on AWS never holds a worker.
+    """
 
     def __init__(
         self,
@@ -125,7 +150,6 @@ class Cloud:
         load_balancer_name: str = "",
         target_group_arn: str = "",
         on_mutation: Mutation | None = None,
-        poll: float = 0.5,
     ):
         self.ec2 = client(account, "ec2")
         self.elb = client(account, "elb") if load_balancer_name else None
@@ -133,17 +157,22 @@ class Cloud:
         self.load_balancer_name = load_balancer_name
         self.target_group_arn = target_group_arn
         self.on_mutation = on_mutation or (lambda action, resource, request_id: None)
-        self.poll = poll
 
     def _mutate(self, action: str, resource: str, call, *args, ok_codes: Iterable[str] = (), **kwargs) -> dict:
-        try:
-            response = call(*args, **kwargs)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ok_codes:
-                return {}
-            raise _error(exc, f"{action} {resource}") from None
-        except (BotoCoreError, ResponseParserError) as exc:
-            raise _error(exc, f"{action} {resource}") from None
+        for pause in (*VISIBILITY_RETRIES, None):
+            try:
+                response = call(*args, **kwargs)
+                break
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ok_codes:
+                    return {}
+                if code in NOT_YET_VISIBLE and pause is not None:
+                    time.sleep(pause)
+                    continue
+                raise _error(exc, f"{action} {resource}") from None
+            except (BotoCoreError, ResponseParserError) as exc:
+                raise _error(exc, f"{action} {resource}") from None
         self.on_mutation(action, resource, response.get("ResponseMetadata", {}).get("RequestId", ""))
         return response
 
@@ -153,18 +182,26 @@ class Cloud:
         except (ClientError, BotoCoreError, ResponseParserError) as exc:
             raise _error(exc, doing) from None
 
+    def _pages(self, doing: str, client, operation: str, key: str, **kwargs) -> list:
+        try:
+            return [item for page in client.get_paginator(operation).paginate(**kwargs) for item in page[key]]
+        except (ClientError, BotoCoreError, ResponseParserError) as exc:
+            raise _error(exc, doing) from None
+
     # -- instances -------------------------------------------------------------
 
     def instances(self, *, ids: Iterable[str] = (), tags: dict | None = None, states: Iterable[str] = ()) -> list[InstanceInfo]:
+        """What EC2 reports now. An id it does not know (yet) is left out rather
+        than failing the call: ids go in as a filter, never as InstanceIds."""
         filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in (tags or {}).items()]
         if states:
             filters.append({"Name": "instance-state-name", "Values": list(states)})
-        kwargs = {"Filters": filters} if filters else {}
         ids = sorted(set(ids))
         if ids:
-            kwargs["InstanceIds"] = ids
-        response = self._read("describe instances", self.ec2.describe_instances, **kwargs)
-        return [_instance_info(i) for r in response["Reservations"] for i in r["Instances"]]
+            filters.append({"Name": "instance-id", "Values": ids})
+        kwargs = {"Filters": filters} if filters else {}
+        reservations = self._pages("describe instances", self.ec2, "describe_instances", "Reservations", **kwargs)
+        return [_instance_info(i) for r in reservations for i in r["Instances"]]
 
     def launch(
         self,
@@ -178,7 +215,11 @@ class Cloud:
         security_group_ids: list[str],
         client_token: str,
     ) -> InstanceInfo:
-        """One instance, found by its `identity` tags if an earlier try made it."""
+        """One instance, found by its `identity` tags if an earlier try made it.
+
+        The client token makes AWS itself return the first instance to a
+        repeated call, which covers the seconds in which a new instance is not
+        yet found by its tags."""
         live = ("pending", "running", "stopping", "stopped")
         found = self.instances(tags=identity, states=live)
         if found:
@@ -200,35 +241,29 @@ class Cloud:
         )
         return _instance_info(response["Instances"][0])
 
-    def wait_for_state(self, ids: Iterable[str], state: str, timeout: float = 300) -> list[InstanceInfo]:
-        ids = sorted(set(ids))
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.instances(ids=ids) if ids else []
-            if all(i.state == state for i in found) and len(found) == len(ids):
-                return found
-            if time.monotonic() > deadline:
-                states = ", ".join(f"{i.id} {i.state}" for i in found)
-                raise AdapterError(f"instances did not reach {state} within {timeout:g}s ({states})")
-            time.sleep(self.poll)
-
     def start(self, ids: Iterable[str]) -> None:
         if ids := list(ids):
             self._mutate("StartInstances", ",".join(ids), self.ec2.start_instances, InstanceIds=ids)
-            self.wait_for_state(ids, "running")
 
     def stop(self, ids: Iterable[str]) -> None:
         if ids := list(ids):
             self._mutate("StopInstances", ",".join(ids), self.ec2.stop_instances, InstanceIds=ids)
-            self.wait_for_state(ids, "stopped")
 
     def terminate(self, ids: Iterable[str]) -> None:
         if ids := list(ids):
             self._mutate("TerminateInstances", ",".join(ids), self.ec2.terminate_instances, InstanceIds=ids)
 
     def console_host_keys(self, instance_id: str) -> list[str]:
-        """The SSH host keys cloud-init printed to the console, if it has yet."""
-        output = self._read("get console output", self.ec2.get_console_output, InstanceId=instance_id).get("Output") or ""
+        """The SSH host keys cloud-init printed to the console, if it has yet
+        (none while the instance is too new for EC2 to know it)."""
+        try:
+            output = self.ec2.get_console_output(InstanceId=instance_id).get("Output") or ""
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in NOT_YET_VISIBLE:
+                return []
+            raise _error(exc, f"get console output of {instance_id}") from None
+        except (BotoCoreError, ResponseParserError) as exc:
+            raise _error(exc, f"get console output of {instance_id}") from None
         keys, inside = [], False
         for line in output.splitlines():
             if "-----BEGIN SSH HOST KEY KEYS-----" in line:
@@ -241,28 +276,29 @@ class Cloud:
 
     # -- images ----------------------------------------------------------------
 
-    def bake(self, instance_id: str, name: str, tags: dict, timeout: float = 1800) -> str:
+    def image_named(self, name: str) -> dict | None:
+        images = self._pages("describe images", self.ec2, "describe_images", "Images", Owners=["self"],
+                             Filters=[{"Name": "name", "Values": [name]}])
+        return images[0] if images else None
+
+    def create_image(self, instance_id: str, name: str, tags: dict) -> str:
         """An AMI of the instance, found by name if an earlier try made it."""
-        found = self._read("describe images", self.ec2.describe_images, Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
-        if found:
-            image_id = found[0]["ImageId"]
-        else:
-            image_id = self._mutate(
-                "CreateImage",
-                instance_id,
-                self.ec2.create_image,
-                InstanceId=instance_id,
-                Name=name,
-                TagSpecifications=[{"ResourceType": "image", "Tags": _tags(tags)}],
-            )["ImageId"]
-        deadline = time.monotonic() + timeout
-        while True:
-            image = self._read("describe image", self.ec2.describe_images, ImageIds=[image_id])["Images"][0]
-            if image["State"] == "available":
-                return image_id
-            if image["State"] == "failed" or time.monotonic() > deadline:
-                raise AdapterError(f"image {image_id} is {image['State']}")
-            time.sleep(self.poll)
+        if found := self.image_named(name):
+            return found["ImageId"]
+        return self._mutate(
+            "CreateImage",
+            instance_id,
+            self.ec2.create_image,
+            InstanceId=instance_id,
+            Name=name,
+            TagSpecifications=[{"ResourceType": "image", "Tags": _tags(tags)}],
+        )["ImageId"]
+
+    def image_state(self, image_id: str) -> str:
+        """pending, available, failed...; "unknown" while EC2 does not list it yet."""
+        images = self._pages("describe image", self.ec2, "describe_images", "Images",
+                             Filters=[{"Name": "image-id", "Values": [image_id]}])
+        return images[0]["State"] if images else "unknown"
 
     # -- security groups -------------------------------------------------------
 
@@ -299,13 +335,22 @@ class Cloud:
     def _lb(self) -> str:
         return self.load_balancer_name or self.target_group_arn
 
+    def _classic(self) -> dict:
+        described = self._read("describe load balancer", self.elb.describe_load_balancers, LoadBalancerNames=[self.load_balancer_name])
+        return described["LoadBalancerDescriptions"][0]
+
+    def _target_health(self, ids: list[str] = ()) -> list[dict]:
+        kwargs = {"Targets": [{"Id": i} for i in ids]} if ids else {}
+        health = self._read("describe target health", self.elbv2.describe_target_health, TargetGroupArn=self.target_group_arn, **kwargs)
+        return health["TargetHealthDescriptions"]
+
     def registered(self) -> list[str]:
+        """Instances the load balancer sends (or will send) traffic to; not the draining ones."""
         if self.elb:
-            described = self._read("describe load balancer", self.elb.describe_load_balancers, LoadBalancerNames=[self.load_balancer_name])
             # moto lists an instance twice if it was registered twice; AWS never does
-            return list(dict.fromkeys(i["InstanceId"] for i in described["LoadBalancerDescriptions"][0]["Instances"]))
-        health = self._read("describe target health", self.elbv2.describe_target_health, TargetGroupArn=self.target_group_arn)
-        return [t["Target"]["Id"] for t in health["TargetHealthDescriptions"] if t["TargetHealth"]["State"] != "draining"]
+            return list(dict.fromkeys(i["InstanceId"] for i in self._classic()["Instances"]))
+        leaving = ("draining", "unused")
+        return list(dict.fromkeys(t["Target"]["Id"] for t in self._target_health() if t["TargetHealth"]["State"] not in leaving))
 
     def health(self, ids: Iterable[str] = ()) -> dict[str, str]:
         """Instance id -> "InService" or another state, for registered instances."""
@@ -314,16 +359,34 @@ class Cloud:
             kwargs = {"Instances": [{"InstanceId": i} for i in ids]} if ids else {}
             states = self._read("describe instance health", self.elb.describe_instance_health, LoadBalancerName=self.load_balancer_name, **kwargs)
             return {s["InstanceId"]: s["State"] for s in states["InstanceStates"]}
-        kwargs = {"Targets": [{"Id": i} for i in ids]} if ids else {}
-        health = self._read("describe target health", self.elbv2.describe_target_health, TargetGroupArn=self.target_group_arn, **kwargs)
         return {
             t["Target"]["Id"]: "InService" if t["TargetHealth"]["State"] == "healthy" else t["TargetHealth"]["State"]
-            for t in health["TargetHealthDescriptions"]
+            for t in self._target_health(ids)
         }
 
-    def register(self, ids: Iterable[str]) -> None:
+    def health_check(self) -> HealthCheck:
+        if self.elb:
+            check = self._classic().get("HealthCheck", {})
+            return HealthCheck(float(check.get("Interval", 30)), float(check.get("Timeout", 5)),
+                               int(check.get("HealthyThreshold", 10)), int(check.get("UnhealthyThreshold", 2)))
+        groups = self._read("describe target group", self.elbv2.describe_target_groups, TargetGroupArns=[self.target_group_arn])
+        group = groups["TargetGroups"][0]
+        return HealthCheck(float(group.get("HealthCheckIntervalSeconds", 30)), float(group.get("HealthCheckTimeoutSeconds", 5)),
+                           int(group.get("HealthyThresholdCount", 5)), int(group.get("UnhealthyThresholdCount", 2)))
+
+    def draining(self, ids: Iterable[str]) -> list[str] | None:
+        """Of `ids`, those still draining; None when the load balancer cannot
+        tell (a classic ELB: wait out its draining timeout instead)."""
+        if self.elb or not (ids := list(ids)):
+            return None if self.elb else []
+        return [t["Target"]["Id"] for t in self._target_health(ids) if t["TargetHealth"]["State"] == "draining"]
+
+    def register(self, ids: Iterable[str]) -> list[str]:
+        """Registers what is not registered yet; returns those ids."""
         registered = set(self.registered())
-        self._change_membership([i for i in dict.fromkeys(ids) if i not in registered], register=True)
+        missing = [i for i in dict.fromkeys(ids) if i not in registered]
+        self._change_membership(missing, register=True)
+        return missing
 
     def deregister(self, ids: Iterable[str]) -> None:
         self._change_membership(list(dict.fromkeys(ids)), register=False)
@@ -341,6 +404,7 @@ class Cloud:
             self._mutate(action, self._lb, call, TargetGroupArn=self.target_group_arn, Targets=[{"Id": i} for i in ids])
 
     def draining_timeout(self) -> float:
+        """Seconds the load balancer lets a deregistered instance finish its requests."""
         if self.elb:
             attributes = self._read("describe load balancer attributes", self.elb.describe_load_balancer_attributes, LoadBalancerName=self.load_balancer_name)
             draining = attributes["LoadBalancerAttributes"].get("ConnectionDraining", {})
@@ -348,20 +412,6 @@ class Cloud:
         attributes = self._read("describe target group attributes", self.elbv2.describe_target_group_attributes, TargetGroupArn=self.target_group_arn)
         values = {a["Key"]: a["Value"] for a in attributes["Attributes"]}
         return float(values.get("deregistration_delay.timeout_seconds", 300))
-
-    def wait_in_service(self, ids: Iterable[str], timeout: float = 300, cancelled: Callable[[], bool] | None = None) -> None:
-        ids = list(ids)
-        deadline = time.monotonic() + timeout
-        while True:
-            states = self.health(ids)
-            if all(states.get(i) == "InService" for i in ids):
-                return
-            if cancelled and cancelled():
-                raise AdapterError("cancelled while waiting for instances to be in service")
-            if time.monotonic() > deadline:
-                detail = ", ".join(f"{i} {states.get(i, 'unregistered')}" for i in ids)
-                raise AdapterError(f"not in service within {timeout:g}s: {detail}")
-            time.sleep(self.poll)
 
 
 def describe_classic_load_balancer(account: Account, name: str) -> dict:

@@ -116,6 +116,13 @@ CELERY_BEAT_SCHEDULE = {
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
+# A step waiting on AWS looks again after WAIT_POLL_MIN seconds, then backs off
+# to WAIT_POLL_MAX (both times the environment's time scale), never more often
+# than every WAIT_POLL_FLOOR seconds. The worker is free in between.
+WAIT_POLL_MIN = env.float("WAIT_POLL_MIN", default=2.0)
+WAIT_POLL_MAX = env.float("WAIT_POLL_MAX", default=30.0)
+WAIT_POLL_FLOOR = env.float("WAIT_POLL_FLOOR", default=0.2)
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -1,36 +1,45 @@
 """Runs a release, one step at a time, and rolls it back.
 
 A worker takes a step only by leasing its row (a conditional update); while
-the step runs, a heartbeat extends the lease; a periodic sweep hands steps
-whose worker died back to the queue and closes gates past their deadline.
+the step works, a heartbeat extends the lease. A step that waits on AWS does
+not sleep in the worker: it records what it waits for, its deadline and when
+to look again (`wake_at`), gives up its lease, and `advance` returns the
+seconds until then so the Celery task can queue itself again with that
+countdown; the sweep is the safety net for a countdown that never arrives.
+A rollback is more steps (the plan's undo steps) run by the same loop.
+
 Celery messages are nudges: `advance` re-reads the release and does nothing
-unless there is something to do, so a message that arrives twice is harmless.
+unless there is something to do, so a message that arrives twice is
+harmless. Nothing here queues tasks or calls services: the tasks call this.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import traceback
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from django.db import close_old_connections, connection, transaction
+from django.conf import settings
+from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from deployer import aws
 from deployer.errors import AdapterError
 
-from . import audit, steps, transitions
+from . import audit, broadcast, plan, steps, transitions
 from .logs import LogWriter
-from .models import Environment, Release, Step
+from .models import Environment, Instance, Release, Step
 
 log = logging.getLogger(__name__)
 LEASE = timedelta(seconds=60)
 HEARTBEAT_SECONDS = 10
-S, R = Step.Status, Release.Status
+S, R, K = Step.Status, Release.Status, Step.Kind
+GO_ON = "go on"  # run_step's answer when the release may take its next step at once
 
 
 def worker_id() -> str:
@@ -89,63 +98,95 @@ def secrets_of(release: Release) -> list[str]:
     return [s for s in (account.secret_access_key, account.access_key_id) if s and s != "sandbox"]
 
 
-def advance(release_id: int) -> None:
-    """Run the release's steps until a gate, a failure, the end, or a cancel."""
+def poll_delay(polls: int, *, scale: float, hint: float | None = None) -> float:
+    """Seconds until the next look: backing off from WAIT_POLL_MIN to
+    WAIT_POLL_MAX (AWS seconds, times the cloud's time scale), never slower
+    than `hint`, with jitter so that many waiting releases do not call AWS
+    in step."""
+    delay = min(settings.WAIT_POLL_MIN * 1.5**polls, settings.WAIT_POLL_MAX) * scale
+    if hint:
+        delay = min(delay, hint)
+    return max(delay * random.uniform(0.8, 1.2), settings.WAIT_POLL_FLOOR)
+
+
+# -- the loop ------------------------------------------------------------------------
+
+
+def advance(release_id: int) -> float | None:
+    """Do what the release needs now. Returns the seconds until it wants to
+    be nudged again (a step is waiting on AWS), or None."""
     owner = worker_id()
     while True:
         close_old_connections()
-        release = Release.objects.select_related("environment").get(pk=release_id)
-        if release.status not in (R.QUEUED, R.RUNNING):
-            return
-        step = release.steps.exclude(status__in=(S.SUCCEEDED, S.SKIPPED)).first()
-        if release.cancel_requested:
-            if step is None or step.status != S.RUNNING:
-                if transitions.release(release.pk, from_=(R.QUEUED, R.RUNNING), to=R.ROLLING_BACK):
-                    rollback(release.pk)
-            return
-        if step is None:
-            finish(release)
-            return
-        if step.kind == Step.Kind.GATE:
-            open_gate(release, step)
-            return
-        if step.status != S.PENDING:
-            return  # running elsewhere (the sweep re-queues it if that worker died), or failed
-        leased = transitions.step(
-            step.pk,
-            from_=(S.PENDING,),
-            to=S.RUNNING,
-            lease_owner=owner,
-            lease_expires_at=timezone.now() + LEASE,
-            started_at=timezone.now(),
-            finished_at=None,
-            error="",
-            attempts=F("attempts") + 1,
-        )
-        if not leased:
-            return  # another worker process got there first
-        transitions.release(release.pk, from_=(R.QUEUED,), to=R.RUNNING)
-        if not run_step(release, Step.objects.get(pk=step.pk), owner):
-            return
+        release = Release.objects.select_related("environment").filter(pk=release_id).first()
+        if release is None:
+            return None
+        if release.status in (R.QUEUED, R.RUNNING):
+            if release.cancel_requested:
+                if not stop_for_cancel(release):
+                    return None  # the worker at work sees the flag and stops
+                continue
+            step = release.steps.filter(kind__in=(K.ACTION, K.GATE)).exclude(status__in=(S.SUCCEEDED, S.SKIPPED)).first()
+            if step is None:
+                finish(release)
+                return None
+            if step.kind == K.GATE:
+                open_gate(release, step)
+                return None
+        elif release.status == R.ROLLING_BACK:
+            step = next_rollback_step(release)
+            if step is None:
+                end_rollback(release)
+                return None
+        else:
+            return None
+        outcome = take(release, step, owner)
+        if outcome != GO_ON:
+            return outcome
 
 
-def run_step(release: Release, step: Step, owner: str) -> bool:
-    """Run one leased step; True if it succeeded and the release may go on."""
-    writer = LogWriter(release.pk, secrets=secrets_of(release))
-    writer.write(step.key, f"{step.key} started (attempt {step.attempts})")
-    context = None
+def take(release: Release, step: Step, owner: str):
+    """Lease the step if it is due, and run it."""
+    now = timezone.now()
+    if step.status == S.PENDING:
+        leased = transitions.step(step.pk, "start", lease_owner=owner, lease_expires_at=now + LEASE, started_at=now,
+                                  finished_at=None, error="", attempts=F("attempts") + 1)
+        if leased:
+            transitions.release(release.pk, "start")
+        resumed = False
+    elif step.status == S.RUNNING and not step.lease_owner:
+        if step.wake_at and step.wake_at > now:
+            return None  # an early nudge: its countdown is on the way
+        leased = Step.objects.filter(Q(wake_at__isnull=True) | Q(wake_at__lte=now), pk=step.pk, status=S.RUNNING,
+                                     lease_owner="").update(lease_owner=owner, lease_expires_at=now + LEASE, wake_at=None)
+        resumed = True
+    else:
+        return None  # at work elsewhere (the sweep re-queues it if that worker died), or failed
+    if not leased:
+        return None  # another worker process got there first
+    return run_step(release, Step.objects.get(pk=step.pk), owner, resumed=resumed)
+
+
+def run_step(release: Release, step: Step, owner: str, *, resumed: bool = False):
+    """Run one leased step: GO_ON when it succeeded, seconds when it waits, else None."""
+    with LogWriter(release.pk, secrets=secrets_of(release)) as writer:
+        return _run_step(release, step, owner, writer, resumed=resumed)
+
+
+def _run_step(release: Release, step: Step, owner: str, writer: LogWriter, *, resumed: bool):
+    if not resumed:
+        writer.write(step.key, f"{step.key} started (attempt {step.attempts})")
     try:
         with Heartbeat(Step.objects.filter(pk=step.pk, lease_owner=owner, status=S.RUNNING), "lease_expires_at"):
             context = steps.Context(release=release, step=step, cloud=release_cloud(release), log=writer)
             result = steps.ACTIONS[step.key](context) or {}
+    except steps.Wait as wait:
+        return sleep(release, step, owner, writer, wait)
     except steps.Cancelled:
-        writer.write(step.key, "cancelled", stream="stderr")
-        writer.flush()
-        transitions.step(step.pk, from_=(S.RUNNING,), to=S.FAILED, held_by=owner, error="cancelled", finished_at=timezone.now())
-        if transitions.release(release.pk, from_=(R.RUNNING,), to=R.ROLLING_BACK):
-            rollback(release.pk)
-        return False
+        return cancel_step(release, step, owner, writer)
     except (AdapterError, steps.StepFailed) as exc:
+        if step.kind != K.ROLLBACK and Release.objects.filter(pk=release.pk, cancel_requested=True).exists():
+            return cancel_step(release, step, owner, writer)  # it failed because it was cancelled
         return fail(release, step, owner, writer, str(exc))
     except Exception as exc:
         log.exception("step %s of release %s crashed", step.key, release.pk)
@@ -153,17 +194,72 @@ def run_step(release: Release, step: Step, owner: str) -> bool:
         return fail(release, step, owner, writer, f"internal error: {type(exc).__name__}: {exc}")
     writer.write(step.key, f"{step.key} succeeded")
     writer.flush()
-    return transitions.step(step.pk, from_=(S.RUNNING,), to=S.SUCCEEDED, held_by=owner, result=result, finished_at=timezone.now())
+    done = transitions.step(step.pk, "succeed", held_by=owner, result=result, finished_at=timezone.now(),
+                            waiting_for="", wake_at=None, wait={}, deadline=None)
+    return GO_ON if done else None
 
 
-def fail(release: Release, step: Step, owner: str, writer: LogWriter, reason: str) -> bool:
+def sleep(release: Release, step: Step, owner: str, writer: LogWriter, wait: steps.Wait) -> float | None:
+    """Give the lease up until the wait is due to be looked at again."""
+    now = timezone.now()
+    current = step.wait or {}
+    if current.get("key") == wait.key:
+        since, polls = datetime.fromisoformat(current["since"]), current.get("polls", 0) + 1
+    else:
+        since, polls = now, 0
+        writer.write(step.key, f"waiting for {wait.text} (up to {wait.timeout:g}s)")
+    deadline = since + timedelta(seconds=wait.timeout)
+    if now >= deadline:
+        return fail(release, step, owner, writer, f"gave up after {wait.timeout:g}s waiting for {wait.text}")
+    scale = float(release.plan["environment"].get("time_scale", 1.0))
+    # a timer still looks in now and then, so a countdown is never hours long
+    delay = min(wait.at, 10 * settings.WAIT_POLL_MAX * scale) if wait.at is not None else poll_delay(polls, scale=scale, hint=wait.poll)
+    delay = max(min(delay, (deadline - now).total_seconds() + 0.05), settings.WAIT_POLL_FLOOR)
+    writer.flush()
+    slept = Step.objects.filter(pk=step.pk, status=S.RUNNING, lease_owner=owner).update(
+        lease_owner="", lease_expires_at=None, waiting_for=writer.redact(wait.text)[:300], deadline=deadline,
+        wake_at=now + timedelta(seconds=delay), wait={"key": wait.key, "since": since.isoformat(), "polls": polls})
+    if not slept:
+        return None  # the lease was lost meanwhile; whoever holds it goes on
+    if step.waiting_for != wait.text:
+        transaction.on_commit(lambda: broadcast.step_changed(release.pk, step.pk))
+    return delay
+
+
+def cancel_step(release: Release, step: Step, owner: str | None, writer: LogWriter):
+    """Stop the step a person cancelled; the release rolls back from here."""
+    writer.write(step.key, "cancelled", stream="stderr")
+    writer.flush()
+    with transaction.atomic():
+        stopped = transitions.step(step.pk, "cancel", held_by=owner if owner is not None else "", error="cancelled",
+                                   reason="cancelled", finished_at=timezone.now(), waiting_for="", wake_at=None)
+        if stopped:
+            transitions.release(release.pk, "cancel", reason="cancelled")
+    return GO_ON if stopped else None
+
+
+def stop_for_cancel(release: Release) -> bool:
+    """A cancelled release that is not at work: off to its rollback. False
+    when a worker is at work on a step; it sees the flag and stops itself."""
+    step = release.steps.filter(kind=K.ACTION, status=S.RUNNING).first()
+    if step is not None:
+        if step.lease_owner:
+            return False
+        # waiting on a timer: nobody holds it, so it is ours to stop
+        return cancel_step(release, step, None, LogWriter(release.pk)) == GO_ON
+    transitions.release(release.pk, "cancel", reason="cancelled")
+    return True
+
+
+def fail(release: Release, step: Step, owner: str, writer: LogWriter, reason: str) -> None:
     reason = writer.redact(reason)  # the error is shown on the page and in the API too
     writer.write(step.key, f"{step.key} failed: {reason}", stream="stderr")
     writer.flush()
     with transaction.atomic():
-        if transitions.step(step.pk, from_=(S.RUNNING,), to=S.FAILED, held_by=owner, error=reason, finished_at=timezone.now()):
-            transitions.release(release.pk, from_=(R.RUNNING,), to=R.FAILED, error=f"{step.key}: {reason}")
-    return False
+        if transitions.step(step.pk, "fail", held_by=owner, error=reason, reason=reason, finished_at=timezone.now(),
+                            waiting_for="", wake_at=None):
+            transitions.release(release.pk, "fail", error=f"{step.key}: {reason}", reason=f"{step.key} failed")
+    return None
 
 
 def open_gate(release: Release, step: Step) -> None:
@@ -172,90 +268,111 @@ def open_gate(release: Release, step: Step) -> None:
     context = steps.Context(release=release, step=step, cloud=release_cloud(release), log=LogWriter(release.pk))
     try:
         card = steps.GATE_CARDS[step.key](context)
-    except AdapterError as exc:
+    except (AdapterError, steps.StepFailed) as exc:
         card = {"warning": str(exc)}
     timeout = release.plan["environment"]["gate_timeout"]
     with transaction.atomic():
-        opened = transitions.step(step.pk, from_=(S.PENDING,), to=S.AWAITING_APPROVAL, started_at=timezone.now(),
+        opened = transitions.step(step.pk, "open", started_at=timezone.now(),
                                   deadline=timezone.now() + timedelta(seconds=timeout), result=card)
         if opened:
-            transitions.release(release.pk, from_=(R.QUEUED, R.RUNNING), to=R.AWAITING_APPROVAL)
+            transitions.release(release.pk, "open_gate", reason=f"{step.key} is open")
     if opened:  # a second nudge that lost the race says nothing
         context.log.write(step.key, f"waiting for approval: {step.key}")
         context.log.flush()
 
 
+def expire_gate(step: Step) -> bool:
+    """A gate past its deadline rejects itself, and the release rolls back."""
+    reason = "nobody decided before the gate's deadline"
+    with transaction.atomic():
+        if not transitions.step(step.pk, "expire", error=reason, reason=reason, finished_at=timezone.now()):
+            return False
+        transitions.release(step.release_id, "expire", error=f"{step.key}: timed out", reason=f"{step.key} timed out")
+        audit.record("gate.expire", release=step.release, target=f"release {step.release_id} {step.key}")
+    return True
+
+
 def finish(release: Release) -> None:
     image = release.state.get("image")
     with transaction.atomic():
-        if transitions.release(release.pk, from_=(R.RUNNING,), to=R.SUCCEEDED, error="") and image:
+        if transitions.release(release.pk, "finish", error="") and image:
             Environment.objects.filter(pk=release.environment_id).update(last_baked_ami=image)
     writer = LogWriter(release.pk)
     writer.write("release", f"{release.plan['environment']['name']} now serves {release.revision}")
     writer.flush()
 
 
-def rollback(release_id: int) -> None:
-    """Put the old fleet back in service, then take the new one out."""
-    close_old_connections()
-    owner, now = worker_id(), timezone.now()
-    free = Q(rollback_lease_until__isnull=True) | Q(rollback_lease_until__lt=now)
-    if not Release.objects.filter(free, pk=release_id, status=R.ROLLING_BACK).update(
-            rollback_owner=owner, rollback_lease_until=now + LEASE):
-        return  # not rolling back, or another worker process is at it
-    release = Release.objects.get(pk=release_id)
-    # from here on the release can only be rolled back (again), never resumed
-    release.state["rolled_back"] = True
-    Release.objects.filter(pk=release.pk).update(state=release.state)
-    writer = LogWriter(release.pk, secrets=secrets_of(release))
-    try:
-        with Heartbeat(Release.objects.filter(pk=release.pk, rollback_owner=owner), "rollback_lease_until"):
-            steps.roll_back(steps.Context(release=release, step=None, cloud=release_cloud(release), log=writer))
-    except AdapterError as exc:
-        writer.write("rollback", f"rollback failed: {exc}", stream="stderr")
+# -- rollback ---------------------------------------------------------------------------
+
+
+def next_rollback_step(release: Release) -> Step | None:
+    """The first undo step not done; the undo steps are made on first need,
+    from the plan steps that started, and a failed one is tried again (the
+    release is rolling back again because a person asked)."""
+    undo = list(release.steps.filter(kind=K.ROLLBACK))
+    if not undo:
+        started = [s.key for s in release.steps.filter(kind=K.ACTION).exclude(status=S.PENDING, attempts=0)]
+        keys = plan.rollback_steps(started)
+        try:
+            Step.objects.bulk_create([Step(release=release, position=plan.ROLLBACK_POSITION + n, key=key, kind=K.ROLLBACK)
+                                      for n, key in enumerate(keys)])
+        except IntegrityError:
+            pass  # another worker made them a moment ago
+        writer = LogWriter(release.pk)
+        writer.write("rollback", f"rolling back: {', '.join(keys) or 'nothing to undo'}")
         writer.flush()
-        transitions.release(release.pk, from_=(R.ROLLING_BACK,), to=R.FAILED, error=writer.redact(f"rollback: {exc}"),
-                            rollback_lease_until=None)
-        return
-    writer.flush()
-    release.refresh_from_db()
-    transitions.release(release.pk, from_=(R.ROLLING_BACK,), to=R.CANCELLED if release.cancel_requested else R.ROLLED_BACK,
-                        rollback_lease_until=None)
+        undo = list(release.steps.filter(kind=K.ROLLBACK))
+    step = next((s for s in undo if s.status != S.SUCCEEDED), None)
+    if step is not None and step.status == S.FAILED:
+        transitions.step(step.pk, "retry", reason="rolling back again", error="", lease_owner="", wait={}, deadline=None)
+        step.refresh_from_db()
+    return step
+
+
+def end_rollback(release: Release) -> None:
+    action = "cancelled" if release.cancel_requested else "rolled_back"
+    if transitions.release(release.pk, action, reason="the old fleet serves"):
+        writer = LogWriter(release.pk)
+        writer.write("rollback", "rolled back" if action == "rolled_back" else "cancelled and cleaned up")
+        writer.flush()
+
+
+# -- the sweep -------------------------------------------------------------------------
 
 
 def sweep() -> dict:
-    """Re-queue steps whose worker died; reject gates past their deadline;
-    terminate old instances past their retention; nudge stalled releases."""
-    from . import services, tasks
-
+    """Hand steps whose worker died back; reject gates past their deadline;
+    find waits that are due; terminate old instances past their retention.
+    Returns what it did and `nudge`: the releases to advance now."""
     now = timezone.now()
+    nudge: set[int] = set()
     requeued = expired = terminated = 0
-    for step in Step.objects.filter(status=S.RUNNING, lease_expires_at__lt=now):
-        if transitions.step(step.pk, from_=(S.RUNNING,), to=S.PENDING, held_by=step.lease_owner, lease_owner=""):
+    for step in Step.objects.filter(status=S.RUNNING, lease_expires_at__lt=now).exclude(lease_owner=""):
+        if transitions.step(step.pk, "requeue", held_by=step.lease_owner, lease_owner="", reason="its worker stopped answering"):
             LogWriter(step.release_id).write(step.key, f"{step.key}: its worker stopped answering; running it again")
             requeued += 1
-            tasks.advance_release.delay(step.release_id)
+            nudge.add(step.release_id)
     for step in Step.objects.filter(status=S.AWAITING_APPROVAL, deadline__lt=now).select_related("release"):
-        try:
-            services.gate_expire(release=step.release, key=step.key)
+        if expire_gate(step):
             expired += 1
-        except services.ServiceError:
-            pass
-    for release in Release.objects.filter(status__in=(R.QUEUED, R.RUNNING)).exclude(steps__status=S.RUNNING):
-        tasks.advance_release.delay(release.pk)
-    for release in Release.objects.filter(status=R.ROLLING_BACK, rollback_lease_until__lt=now):
-        LogWriter(release.pk).write("rollback", "the rollback's worker stopped answering; starting it again")
-        tasks.rollback_release.delay(release.pk)
+            nudge.add(step.release_id)
+    nudge.update(Step.objects.filter(status=S.RUNNING, lease_owner="", wake_at__lte=now).values_list("release_id", flat=True))
+    nudge.update(Release.objects.filter(status__in=(R.QUEUED, R.RUNNING, R.ROLLING_BACK)).exclude(
+        steps__status=S.RUNNING).values_list("pk", flat=True))
     for release in Release.objects.filter(status=R.SUCCEEDED, finished_at__isnull=False):
         retention = timedelta(seconds=release.plan["environment"]["retention"])
-        if release.finished_at + retention < now and release.state.get("old") and not release.state.get("old_terminated"):
-            try:
-                release_cloud(release).terminate(release.state["old"])
-            except AdapterError as exc:
-                log.warning("cannot terminate the old instances of release %s: %s", release.pk, exc)
-                continue
-            release.state["old_terminated"] = True
-            Release.objects.filter(pk=release.pk).update(state=release.state)
-            terminated += 1
-    return {"requeued": requeued, "expired": expired, "terminated": terminated}
-
+        if release.finished_at + retention >= now or release.state.get("old_terminated"):
+            continue
+        old = [*Instance.objects.filter(release=release, role=Instance.Role.OLD).values_list("instance_id", flat=True),
+               *release.state.get("old", [])]  # releases from before instance rows held the old fleet
+        if not old:
+            continue
+        try:
+            release_cloud(release).terminate(sorted(set(old)))
+        except AdapterError as exc:
+            log.warning("cannot terminate the old instances of release %s: %s", release.pk, exc)
+            continue
+        release.state["old_terminated"] = True
+        Release.objects.filter(pk=release.pk).update(state=release.state)
+        terminated += 1
+    return {"requeued": requeued, "expired": expired, "terminated": terminated, "nudge": sorted(nudge)}

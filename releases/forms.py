@@ -49,7 +49,8 @@ class RecipeForm(forms.ModelForm):
 class EnvironmentForm(forms.ModelForm):
     class Meta:
         model = Environment
-        exclude = ["last_baked_ami"]
+        # time_scale says how fast the cloud's clock runs; only an administrator sets it (in the admin)
+        exclude = ["last_baked_ami", "time_scale"]
         widgets = {"security_group_ids": forms.TextInput()}
 
 

@@ -72,6 +72,18 @@ class Environment(models.Model):
     four_eyes = models.BooleanField(default=True, help_text="whoever starts a release cannot decide its gates")
     gate_timeout = models.PositiveIntegerField(default=3600, help_text="seconds before an open gate rejects itself")
     retention = models.PositiveIntegerField(default=86400, help_text="seconds old instances stay stopped before termination")
+    # How long each wait on AWS may take (README: "How long a release may wait").
+    # The load balancer's waits follow its own settings and are not listed here.
+    instance_timeout = models.PositiveIntegerField(default=600, help_text="seconds an instance may take to be running or stopped")
+    ssh_timeout = models.PositiveIntegerField(default=600, help_text="seconds a new instance may take to answer SSH")
+    image_timeout = models.PositiveIntegerField(default=3600, help_text="seconds a new image may take to be available")
+    smoke_timeout = models.PositiveIntegerField(default=300, help_text="seconds new instances may take to pass their smoke checks")
+    command_timeout = models.PositiveIntegerField(default=1800, help_text="seconds one recipe command may run (a task's own timeout wins)")
+    time_scale = models.FloatField(
+        default=1.0,
+        help_text="how fast this cloud's clock runs: 1 on AWS; a sandbox playing AWS's timings faster says its "
+        "SANDBOX_TIME_SCALE. Multiplies every wait on AWS. Set by an administrator only.",
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     def clean(self):
@@ -114,8 +126,6 @@ class Release(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     log_seq = models.BigIntegerField(default=0, help_text="the last log line's sequence number")
-    rollback_owner = models.CharField(max_length=200, blank=True, help_text="the worker rolling it back")
-    rollback_lease_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -137,6 +147,7 @@ class Step(models.Model):
     class Kind(models.TextChoices):
         ACTION = "action"
         GATE = "gate"
+        ROLLBACK = "rollback"  # undoes what the actions did; added when the release rolls back
 
     class Status(models.TextChoices):
         PENDING = "pending"
@@ -156,9 +167,16 @@ class Step(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
-    deadline = models.DateTimeField(null=True, blank=True, help_text="an open gate rejects itself after this")
+    deadline = models.DateTimeField(
+        null=True, blank=True, help_text="an open gate rejects itself after this; a waiting step fails after this")
     error = models.TextField(blank=True)
     result = models.JSONField(default=dict, blank=True)
+    # A durable timer: the step waits on AWS holding no worker (lease_owner is
+    # empty) and is nudged again at wake_at; `wait` keeps what the wait is and
+    # since when, so a deadline survives every nudge.
+    waiting_for = models.CharField(max_length=300, blank=True, help_text="what the step waits for, for people")
+    wake_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    wait = models.JSONField(default=dict, blank=True, help_text="key, since and polls of the current wait")
 
     class Meta:
         ordering = ["position"]
@@ -180,6 +198,7 @@ class Instance(models.Model):
     instance_id = models.CharField(max_length=32)
     name = models.CharField(max_length=200, blank=True)
     role = models.CharField(max_length=8, choices=Role.choices)
+    slot = models.CharField(max_length=32, blank=True, help_text="canary, clone-N; empty for an old instance")
     address = models.CharField(max_length=200, blank=True)
     host_key = models.TextField(blank=True)
     state = models.CharField(max_length=32, blank=True)
@@ -187,6 +206,24 @@ class Instance(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["release", "instance_id"], name="one_row_per_instance")]
+
+
+class StatusChange(models.Model):
+    """One move of a release or a step between statuses: never overwritten,
+    so a retried step keeps its failed attempt."""
+
+    release = models.ForeignKey(Release, on_delete=models.CASCADE, related_name="history")
+    step = models.ForeignKey(Step, null=True, blank=True, on_delete=models.CASCADE, related_name="history")
+    action = models.CharField(max_length=32)
+    from_status = models.CharField(max_length=32)
+    to_status = models.CharField(max_length=32)
+    reason = models.TextField(blank=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_name = models.CharField(max_length=150, help_text="kept when the user is deleted; 'greenlight' for the engine")
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["at", "id"]
 
 
 class Approval(models.Model):

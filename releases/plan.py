@@ -3,34 +3,61 @@
 The default `bake` strategy is procedure.md step by step. `deploy_from_image`
 starts from the environment's last baked AMI, which already carries the
 provisioning, so it skips `provision`.
+
+Each entry says what it runs (the action of the same key in `steps`), how it
+is undone, and which limits bound its waits, the way Capistrano's phases and
+Spinnaker's tasks do. A rollback is the plan reversed: the undo steps of
+every entry that started, each once, in that order. The order matters for
+zero downtime: the old fleet is back in service (`restore_old`) before the
+new one leaves the load balancer (`retire_new`).
 """
 
 from __future__ import annotations
 
-ACTION, GATE = "action", "gate"
+from dataclasses import dataclass
+
+ACTION, GATE, ROLLBACK = "action", "gate", "rollback"
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    kind: str = ACTION
+    undo: tuple[str, ...] = ()  # rollback steps, in the order they run
+    limits: tuple[str, ...] = ()  # what bounds its waits (README: "How long a release may wait")
+
 
 BAKE = (
-    ("launch", ACTION),
-    ("provision", ACTION),
-    ("deploy", ACTION),
-    ("open_access", ACTION),
-    ("smoke_direct", ACTION),
-    ("verify_directly", GATE),
-    ("close_access", ACTION),
-    ("bake_image", ACTION),
-    ("launch_clones", ACTION),
-    ("smoke_clones", ACTION),
-    ("swap_elb", GATE),
-    ("register_new", ACTION),
-    ("verify_production", ACTION),
-    ("deregister_old", ACTION),
-    ("stop_old", ACTION),
+    Entry("launch", undo=("stop_new",), limits=("instance_timeout",)),
+    Entry("provision", limits=("ssh_timeout", "command_timeout")),
+    Entry("deploy", limits=("ssh_timeout", "command_timeout")),
+    Entry("open_access", undo=("revoke_access",)),
+    Entry("smoke_direct", limits=("smoke_timeout",)),
+    Entry("verify_directly", GATE, limits=("gate_timeout",)),
+    Entry("close_access"),
+    Entry("bake_image", undo=("stop_new",), limits=("instance_timeout", "image_timeout")),
+    Entry("launch_clones", undo=("stop_new",), limits=("instance_timeout",)),
+    Entry("smoke_clones", limits=("smoke_timeout",)),
+    Entry("swap_elb", GATE, limits=("gate_timeout",)),
+    Entry("register_new", undo=("restore_old", "retire_new"), limits=("health check",)),
+    Entry("verify_production"),
+    Entry("deregister_old", undo=("restore_old",), limits=("draining",)),
+    Entry("stop_old", undo=("restore_old",), limits=("instance_timeout",)),
 )
+# What a rollback runs, each step idempotent and cheap when there is nothing to do.
+UNDO = (
+    Entry("restore_old", ROLLBACK, limits=("instance_timeout", "health check")),  # old started, registered, in service
+    Entry("retire_new", ROLLBACK, limits=("draining",)),  # new deregistered and drained
+    Entry("stop_new", ROLLBACK, limits=("instance_timeout",)),  # new stopped, never terminated
+    Entry("revoke_access", ROLLBACK),  # the verification rule closed
+)
+ENTRIES = {entry.key: entry for entry in (*BAKE, *UNDO)}
 STRATEGIES = {
     "bake": BAKE,
-    "deploy_from_image": tuple(step for step in BAKE if step[0] != "provision"),
+    "deploy_from_image": tuple(entry for entry in BAKE if entry.key != "provision"),
 }
-GATES = {key for key, kind in BAKE if kind == GATE}
+GATES = {entry.key for entry in BAKE if entry.kind == GATE}
+ROLLBACK_POSITION = 1000  # rollback steps sort after the plan's
 
 # What the engine needs from the environment, copied so that editing the
 # environment never changes a release that is under way.
@@ -39,7 +66,11 @@ ENVIRONMENT_FIELDS = (
     "public_url", "verify_security_group_id", "verify_cidr", "security_group_ids", "app_port", "health_path",
     "expected_text", "ssh_user", "ssh_port", "ssh_key_file", "address", "instance_type", "subnet_id",
     "key_name", "base_ami", "last_baked_ami", "name_prefix", "repository", "gate_timeout", "retention", "four_eyes",
+    "instance_timeout", "ssh_timeout", "image_timeout", "smoke_timeout", "command_timeout", "time_scale",
 )
+# A release frozen before a limit existed waits as long as the default says.
+LIMIT_DEFAULTS = {"instance_timeout": 600, "ssh_timeout": 600, "image_timeout": 3600, "smoke_timeout": 300,
+                  "command_timeout": 1800, "time_scale": 1.0}
 
 
 class PlanError(ValueError):
@@ -65,5 +96,15 @@ def freeze(environment, *, strategy: str, revision: str, fleet_size: int) -> dic
         "fleet_size": fleet_size,
         "environment": settings,
         "recipe": environment.recipe.definition,
-        "steps": [{"key": key, "kind": kind} for key, kind in STRATEGIES[strategy]],
+        "steps": [{"key": entry.key, "kind": entry.kind} for entry in STRATEGIES[strategy]],
     }
+
+
+def rollback_steps(started: list[str]) -> list[str]:
+    """The undo steps for the plan steps that `started`, in the plan's reverse order."""
+    keys: list[str] = []
+    for key in reversed(started):
+        for undo in ENTRIES[key].undo if key in ENTRIES else ():
+            if undo not in keys:
+                keys.append(undo)
+    return keys

@@ -8,9 +8,9 @@ from django.db.models import Prefetch, QuerySet
 
 from deployer import aws
 
-from . import engine, plan
+from . import engine, plan, transitions
 from .logs import line_dict
-from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, Step
+from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, StatusChange, Step
 
 LOG_PAGE = 5000
 
@@ -39,6 +39,7 @@ def release_for_detail(release_id: int) -> Release:
         Prefetch("steps", queryset=Step.objects.prefetch_related(
             Prefetch("approvals", queryset=Approval.objects.select_related("user").order_by("at")))),
         Prefetch("instances", queryset=Instance.objects.order_by("created_at")),
+        Prefetch("history", queryset=StatusChange.objects.select_related("step").order_by("at", "id")),
     ).get(pk=release_id)
 
 
@@ -66,8 +67,15 @@ def release_dict(release: Release) -> dict:
             {
                 "key": s.key, "kind": s.kind, "status": s.status, "attempts": s.attempts, "error": s.error,
                 "started_at": _time(s.started_at), "finished_at": _time(s.finished_at),
+                "waiting_for": s.waiting_for if s.status == Step.Status.RUNNING else "",
+                "deadline": _time(s.deadline) if s.status in (Step.Status.RUNNING, Step.Status.AWAITING_APPROVAL) else None,
             }
             for s in steps
+        ],
+        "history": [
+            {"at": _time(h.at), "step": h.step.key if h.step else None, "action": h.action, "from": h.from_status,
+             "to": h.to_status, "reason": h.reason, "by": h.actor_name}
+            for h in release.history.all()
         ],
         "gates": [
             {
@@ -80,7 +88,7 @@ def release_dict(release: Release) -> dict:
             for s in steps if s.kind == Step.Kind.GATE
         ],
         "instances": [
-            {"id": i.instance_id, "name": i.name, "role": i.role, "address": i.address, "state": i.state}
+            {"id": i.instance_id, "name": i.name, "role": i.role, "slot": i.slot, "address": i.address, "state": i.state}
             for i in release.instances.all()
         ],
     }
@@ -181,3 +189,18 @@ def environment_instances(environment: Environment, *, registered_only: bool = F
 def describe_load_balancer(*, region: str, aws_endpoint_url: str, aws_credentials: str, load_balancer_name: str) -> dict:
     account = engine.account_for({"region": region, "aws_endpoint_url": aws_endpoint_url, "aws_credentials": aws_credentials})
     return aws.describe_classic_load_balancer(account, load_balancer_name)
+
+
+def person_actions(release: Release, steps: list[Step]) -> set[str]:
+    """The buttons the release page shows: what the table of moves allows for
+    its status, less what the services would refuse anyway."""
+    actions = transitions.person_actions(release.status)
+    failed = next((s for s in steps if s.status == Step.Status.FAILED), None)
+    rolled_back = any(s.kind == Step.Kind.ROLLBACK for s in steps) or release.state.get("rolled_back")
+    if release.cancel_requested:
+        actions.discard("cancel")
+    if failed is None or failed.kind != Step.Kind.ACTION or rolled_back:
+        actions.discard("retry")
+    if release.state.get("old_terminated"):
+        actions.discard("rollback")
+    return actions

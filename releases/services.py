@@ -70,13 +70,19 @@ def revision_check(*, environment: Environment, revision: str) -> str:
     return revision
 
 
-def _close_open_gates(release: Release, reason: str) -> None:
+def _close_open_gates(release: Release, reason: str, actor) -> None:
     for gate in release.steps.filter(status=S.AWAITING_APPROVAL):
-        transitions.step(gate.pk, from_=(S.AWAITING_APPROVAL,), to=S.FAILED, error=reason, finished_at=timezone.now())
+        transitions.step(gate.pk, "close", error=reason, reason=reason, actor=actor, finished_at=timezone.now())
 
 
-def _queue(task, release_id: int) -> None:
-    transaction.on_commit(lambda: task.delay(release_id))
+def _queue(release_id: int) -> None:
+    transaction.on_commit(lambda: tasks.advance_release.delay(release_id))
+
+
+def _refuse(release: Release, action: str, what: str) -> None:
+    """409 unless the table of moves lets the release's status do `action`."""
+    if not transitions.allows(release.status, action):
+        raise Conflict(f"release {release.pk} is {release.status}; {what}", status=release.status)
 
 
 @transaction.atomic
@@ -104,9 +110,10 @@ def release_create(*, environment: Environment, revision: str, strategy: str = "
     Step.objects.bulk_create(
         Step(release=release, position=n, key=step["key"], kind=step["kind"]) for n, step in enumerate(frozen["steps"])
     )
+    transitions.created(release, actor=actor)
     audit.record("release.create", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk}",
                  revision=revision, strategy=strategy, fleet_size=fleet_size)
-    _queue(tasks.advance_release, release.pk)
+    _queue(release.pk)
     return release
 
 
@@ -138,12 +145,12 @@ def _may_decide(release: Release, key: str, actor) -> None:
 def gate_approve(*, release: Release, key: str, actor, comment: str = "", source_ip: str | None = None) -> Step:
     _may_decide(release, key, actor)
     step = _open_gate(release, key)
-    if not transitions.step(step.pk, from_=(S.AWAITING_APPROVAL,), to=S.SUCCEEDED, finished_at=timezone.now()):
+    if not transitions.step(step.pk, "approve", actor=actor, reason=comment, finished_at=timezone.now()):
         raise Conflict(f"the gate {key} was decided a moment ago")
-    transitions.release(release.pk, from_=(R.AWAITING_APPROVAL,), to=R.RUNNING)
+    transitions.release(release.pk, "approve", actor=actor, reason=f"{key} approved")
     Approval.objects.create(step=step, user=actor, decision=Approval.Decision.APPROVE, comment=comment)
     audit.record("gate.approve", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}", comment=comment)
-    _queue(tasks.advance_release, release.pk)
+    _queue(release.pk)
     return step
 
 
@@ -152,42 +159,31 @@ def gate_reject(*, release: Release, key: str, actor, comment: str = "", source_
     _may_decide(release, key, actor)
     step = _open_gate(release, key)
     reason = f"rejected by {actor.get_username()}" + (f": {comment}" if comment else "")
-    if not transitions.step(step.pk, from_=(S.AWAITING_APPROVAL,), to=S.FAILED, error=reason, finished_at=timezone.now()):
+    if not transitions.step(step.pk, "reject", actor=actor, error=reason, reason=reason, finished_at=timezone.now()):
         raise Conflict(f"the gate {key} was decided a moment ago")
-    transitions.release(release.pk, from_=(R.AWAITING_APPROVAL,), to=R.ROLLING_BACK, error=f"{key}: {reason}")
+    transitions.release(release.pk, "reject", actor=actor, error=f"{key}: {reason}", reason=f"{key} {reason}")
     Approval.objects.create(step=step, user=actor, decision=Approval.Decision.REJECT, comment=comment)
     audit.record("gate.reject", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}", comment=comment)
-    _queue(tasks.rollback_release, release.pk)
-    return step
-
-
-@transaction.atomic
-def gate_expire(*, release: Release, key: str) -> Step:
-    step = _open_gate(release, key)
-    if not transitions.step(step.pk, from_=(S.AWAITING_APPROVAL,), to=S.FAILED, error="nobody decided before the gate's deadline", finished_at=timezone.now()):
-        raise Conflict(f"the gate {key} was decided a moment ago")
-    transitions.release(release.pk, from_=(R.AWAITING_APPROVAL,), to=R.ROLLING_BACK, error=f"{key}: timed out")
-    audit.record("gate.expire", release=release, target=f"release {release.pk} {key}")
-    _queue(tasks.rollback_release, release.pk)
+    _queue(release.pk)
     return step
 
 
 @transaction.atomic
 def release_cancel(*, release: Release, actor, source_ip: str | None = None) -> Release:
+    """Cancel ends in a rollback and `cancelled`, wherever it lands: at a gate
+    or after a failure at once; while a step works, as soon as it stops
+    (between commands, inside one, or while it waits on AWS)."""
     if not permissions.can_deploy(actor):
         raise NotAllowed("cancelling a release needs the deployer role")
-    if release.status not in (R.QUEUED, R.RUNNING, R.AWAITING_APPROVAL, R.FAILED):
-        raise Conflict(f"release {release.pk} is {release.status}; only an unfinished release can be cancelled", status=release.status)
+    _refuse(release, "cancel", "only an unfinished release can be cancelled")
     if release.cancel_requested:
         raise Conflict(f"release {release.pk} is already being cancelled")
     Release.objects.filter(pk=release.pk).update(cancel_requested=True)
     audit.record("release.cancel", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk}")
     if release.status in (R.AWAITING_APPROVAL, R.FAILED):
-        _close_open_gates(release, "cancelled")
-        transitions.release(release.pk, from_=(R.AWAITING_APPROVAL, R.FAILED), to=R.ROLLING_BACK)
-        _queue(tasks.rollback_release, release.pk)
-    else:
-        _queue(tasks.advance_release, release.pk)  # the engine stops at its next check and cleans up
+        _close_open_gates(release, "cancelled", actor)
+        transitions.release(release.pk, "cancel", actor=actor, reason=f"cancelled by {actor.get_username()}")
+    _queue(release.pk)  # at work: the engine stops at its next check and rolls back
     release.refresh_from_db()
     return release
 
@@ -197,13 +193,15 @@ def release_retry(*, release: Release, actor, source_ip: str | None = None) -> R
     if not permissions.can_deploy(actor):
         raise NotAllowed("retrying a release needs the deployer role")
     failed = release.steps.filter(status=S.FAILED).first()
-    if release.status != R.FAILED or failed is None or failed.kind == Step.Kind.GATE or release.state.get("rolled_back"):
+    rolled_back = release.steps.filter(kind=Step.Kind.ROLLBACK).exists() or release.state.get("rolled_back")
+    if not transitions.allows(release.status, "retry") or failed is None or failed.kind != Step.Kind.ACTION or rolled_back:
         raise Conflict(f"release {release.pk} is {release.status}; only a release with a failed step can be retried", status=release.status)
-    if not transitions.release(release.pk, from_=(R.FAILED,), to=R.RUNNING, error=""):
+    if not transitions.release(release.pk, "retry", actor=actor, error="", reason=f"retry {failed.key}"):
         raise Conflict(f"release {release.pk} changed a moment ago")
-    transitions.step(failed.pk, from_=(S.FAILED,), to=S.PENDING, error="", lease_owner="")
+    transitions.step(failed.pk, "retry", actor=actor, reason=f"retried by {actor.get_username()}", error="", lease_owner="",
+                     wait={}, waiting_for="", deadline=None, wake_at=None)
     audit.record("release.retry", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {failed.key}")
-    _queue(tasks.advance_release, release.pk)
+    _queue(release.pk)
     release.refresh_from_db()
     return release
 
@@ -212,6 +210,7 @@ def release_retry(*, release: Release, actor, source_ip: str | None = None) -> R
 def release_rollback(*, release: Release, actor, source_ip: str | None = None) -> Release:
     if not permissions.can_deploy(actor):
         raise NotAllowed("rolling back needs the deployer role")
+    _refuse(release, "rollback", "it cannot be rolled back now")
     if release.status == R.SUCCEEDED:
         newer = Release.objects.filter(environment=release.environment, created_at__gt=release.created_at).exclude(
             status__in=(R.CANCELLED, R.ROLLED_BACK)).exists()
@@ -219,18 +218,16 @@ def release_rollback(*, release: Release, actor, source_ip: str | None = None) -
             raise Conflict(f"a newer release of {release.environment.name} exists; roll that one back instead")
         if release.state.get("old_terminated"):
             raise Conflict(f"the old instances of release {release.pk} are terminated; there is nothing to go back to")
-    elif release.status not in (R.FAILED, R.AWAITING_APPROVAL):
-        raise Conflict(f"release {release.pk} is {release.status}; it cannot be rolled back now", status=release.status)
     try:
         with transaction.atomic():
-            changed = transitions.release(release.pk, from_=(R.SUCCEEDED, R.FAILED, R.AWAITING_APPROVAL), to=R.ROLLING_BACK)
+            changed = transitions.release(release.pk, "rollback", actor=actor, reason=f"rolled back by {actor.get_username()}")
     except IntegrityError:
         raise Conflict(f"{release.environment.name} has another active release") from None
     if not changed:
         raise Conflict(f"release {release.pk} changed a moment ago")
-    _close_open_gates(release, "rolled back")
+    _close_open_gates(release, "rolled back", actor)
     audit.record("release.rollback", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk}")
-    _queue(tasks.rollback_release, release.pk)
+    _queue(release.pk)
     release.refresh_from_db()
     return release
 

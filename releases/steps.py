@@ -1,29 +1,44 @@
 """What each step of a release does, through the AWS and SSH adapters.
 
-Every action may run twice (a worker can die between doing something and
-recording it), so each one first looks for what an earlier run made: the
-instances by their release and slot tags, the image by its name derived
-from the release id, the rule by its exact shape.
+Every step runs many times. A worker can die between doing something and
+recording it, and a step that waits on AWS does not sleep: it raises `Wait`
+(what it waits for, how long it may take) and the engine frees the worker,
+then runs the step again from the top when its timer is due. So each step
+first looks at what is already done -- the instances by their release and
+slot tags, the image by its name, the load balancer's registrations -- does
+only what is missing, and logs what it did, not what it found.
+
+Durations that come from AWS (instance states, images, SSH coming up, health
+checks, draining) are multiplied by the environment's `time_scale`: 1 on
+AWS, smaller for a sandbox that plays AWS's timings faster.
 """
 
 from __future__ import annotations
 
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
-from deployer import aws, recipe, ssh
-from deployer.errors import AdapterError
+from django.db import connection
+from django.utils import timezone
+
+from deployer import aws, local, recipe, ssh
+from deployer.errors import AdapterError, Cancelled as CommandCancelled
 
 from .logs import LogWriter
 from .models import Instance, Release, Step
+from .plan import LIMIT_DEFAULTS
 
 SSH_WORKERS = 8
-COMMAND_TIMEOUT = 600
+CHECK_WORKERS = 16
+IN_SERVICE_MARGIN = 120  # AWS seconds beyond interval x healthy threshold: registration takes a while to reach the checks
+DRAINING_MARGIN = 60  # AWS seconds beyond the draining timeout before giving up on a target still draining
+MAX_DRAINING = 3600  # AWS's own ceiling for connection draining and deregistration delay
+NEW = (Instance.Role.CANARY, Instance.Role.CLONE)
 
 
 class StepFailed(Exception):
@@ -32,6 +47,20 @@ class StepFailed(Exception):
 
 class Cancelled(Exception):
     pass
+
+
+class Wait(Exception):
+    """Not done yet: run the step again later; the worker is free meanwhile.
+
+    `key` names the wait: while it stays the same across runs, the wait keeps
+    its start, so `timeout` (seconds from that start) is a real deadline.
+    `poll`: the longest sensible pause between looks (a health-check
+    interval, say). `at`: seconds from now when the wait is over by itself
+    (a timer, such as connection draining)."""
+
+    def __init__(self, key: str, text: str, *, timeout: float, poll: float | None = None, at: float | None = None):
+        super().__init__(text)
+        self.key, self.text, self.timeout, self.poll, self.at = key, text, timeout, poll, at
 
 
 @dataclass
@@ -55,6 +84,21 @@ class Context:
     def key(self) -> str:
         return self.step.key if self.step else "rollback"
 
+    @property
+    def scale(self) -> float:
+        return float(self.env.get("time_scale", 1.0))
+
+    def limit(self, name: str) -> float:
+        """An environment's limit on an AWS wait, in this cloud's seconds."""
+        return float(self.env.get(name, LIMIT_DEFAULTS.get(name, 600))) * self.scale
+
+    def waited(self, key: str) -> float:
+        """Seconds since the wait `key` began; 0 if the step is not in it."""
+        wait = self.step.wait if self.step else {}
+        if wait.get("key") != key:
+            return 0.0
+        return (timezone.now() - datetime.fromisoformat(wait["since"])).total_seconds()
+
     def info(self, text: str, host: str = "") -> None:
         self.log.write(self.key, text, host=host)
 
@@ -63,7 +107,7 @@ class Context:
         Release.objects.filter(pk=self.release.pk).update(state=self.release.state)
 
     def cancelled(self) -> bool:
-        if self.step is None:
+        if self.step is None or self.step.kind == Step.Kind.ROLLBACK:
             return False  # a rollback is not itself cancellable
         if not self._cancelled and time.monotonic() - self._cancel_checked > 1:
             self._cancel_checked = time.monotonic()
@@ -74,25 +118,102 @@ class Context:
         if self.cancelled():
             raise Cancelled()
 
-    # -- instances ------------------------------------------------------------
+    # -- instances: the rows are the one record of what the release made ---------
 
-    def record(self, info: aws.InstanceInfo, role: str) -> Instance:
+    def record(self, info: aws.InstanceInfo, role: str, slot: str = "") -> Instance:
         row, _ = Instance.objects.update_or_create(
             release=self.release,
             instance_id=info.id,
-            defaults={"name": info.name, "role": role, "state": info.state, "address": info.address(self.env["address"])},
+            defaults={"name": info.name, "role": role, "slot": slot, "state": info.state,
+                      "address": info.address(self.env["address"])},
         )
         return row
 
+    def refresh(self, infos) -> None:
+        for info in infos:
+            Instance.objects.filter(release=self.release, instance_id=info.id).update(
+                state=info.state, address=info.address(self.env["address"]))
+
+    def new_rows(self) -> list[Instance]:
+        rows = Instance.objects.filter(release=self.release, role__in=NEW)
+        return sorted(rows, key=lambda r: (r.slot != "canary", len(r.slot), r.slot))
+
     def new_ids(self) -> list[str]:
-        return [i for i in [self.state.get("canary"), *self.state.get("clones", [])] if i]
+        return [r.instance_id for r in self.new_rows()]
+
+    def canary(self) -> Instance:
+        row = Instance.objects.filter(release=self.release, slot="canary").first()
+        if row is None:
+            raise StepFailed("the release has no canary instance; its launch step did not run")
+        return row
+
+    def old_ids(self) -> list[str]:
+        new = set(self.new_ids())
+        old = Instance.objects.filter(release=self.release, role=Instance.Role.OLD).values_list("instance_id", flat=True)
+        return [i for i in old if i not in new]
+
+    def names(self, ids: list[str]) -> str:
+        named = dict(Instance.objects.filter(release=self.release, instance_id__in=ids).values_list("instance_id", "name"))
+        return ", ".join(named.get(i) or i for i in ids) or "nothing"
 
     def url(self, instance: Instance | aws.InstanceInfo, path: str = "/") -> str:
         address = instance.address if isinstance(instance, Instance) else instance.address(self.env["address"])
         return f"http://{address}:{self.env['app_port']}{path}"
 
 
-# -- helpers --------------------------------------------------------------------
+# -- waits ------------------------------------------------------------------------
+
+
+def wait_for_states(ctx: Context, ids: list[str], wanted: str, key: str) -> list[aws.InstanceInfo]:
+    """The instances once every one is `wanted`; else Wait. An id EC2 does not
+    list yet (it is eventually consistent) counts as not there yet."""
+    infos = {i.id: i for i in ctx.cloud.instances(ids=ids)} if ids else {}
+    ctx.refresh(infos.values())
+    lost = [i for i in ids if i in infos and infos[i].state in ("shutting-down", "terminated")]
+    if lost:
+        raise StepFailed(f"{ctx.names(lost)} {'is' if len(lost) == 1 else 'are'} terminated; the release cannot go on")
+    behind = [i for i in ids if i not in infos or infos[i].state != wanted]
+    if behind:
+        states = ", ".join(f"{ctx.names([i])} {infos[i].state if i in infos else 'not listed yet'}" for i in behind)
+        raise Wait(key, f"{len(behind)} of {len(ids)} instances to be {wanted} ({states})",
+                   timeout=ctx.limit("instance_timeout"), poll=5 * ctx.scale)
+    return [infos[i] for i in ids]
+
+
+def in_service(ctx: Context, ids: list[str], key: str) -> None:
+    """Every one of `ids` in service, within what the load balancer's own
+    health check needs: interval x healthy threshold, plus a margin."""
+    if not ids:
+        return
+    states = ctx.cloud.health(ids)
+    behind = [i for i in ids if states.get(i) != "InService"]
+    if behind:
+        check = ctx.cloud.health_check()
+        detail = ", ".join(f"{ctx.names([i])} {states.get(i, 'not registered')}" for i in behind)
+        raise Wait(key, f"{len(behind)} of {len(ids)} instances to be in service ({detail})",
+                   timeout=(check.interval * (check.healthy_threshold + 1) + IN_SERVICE_MARGIN) * ctx.scale,
+                   poll=check.interval * ctx.scale)
+
+
+def drained(ctx: Context, ids: list[str], key: str) -> None:
+    """Deregistered `ids` finished their requests. A target group says when
+    a target leaves `draining`; a classic ELB cannot, so its whole
+    connection-draining timeout is waited out."""
+    timeout = min(ctx.cloud.draining_timeout(), MAX_DRAINING)
+    if not ids or timeout <= 0:
+        return
+    still = ctx.cloud.draining(ids)
+    if still is None:
+        remaining = timeout * ctx.scale - ctx.waited(key)
+        if remaining > 0:
+            raise Wait(key, f"connection draining of {ctx.names(ids)} ({timeout:g}s)",
+                       timeout=(timeout + DRAINING_MARGIN) * ctx.scale, at=remaining)
+    elif still:
+        raise Wait(key, f"{ctx.names(still)} to finish draining (up to {timeout:g}s)",
+                   timeout=(timeout + DRAINING_MARGIN) * ctx.scale, poll=max(timeout / 20, 5) * ctx.scale)
+
+
+# -- helpers ----------------------------------------------------------------------
 
 
 def next_names(ctx: Context, count: int) -> list[str]:
@@ -106,7 +227,9 @@ def next_names(ctx: Context, count: int) -> list[str]:
     return [f"{prefix}{start + i}" for i in range(count)]
 
 
-def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> aws.InstanceInfo:
+def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> Instance:
+    if row := Instance.objects.filter(release=ctx.release, slot=slot).first():
+        return row
     info = ctx.cloud.launch(
         tags={"Name": name, aws.TAG_ENVIRONMENT: ctx.env["name"], aws.TAG_REVISION: ctx.release.revision},
         identity={aws.TAG_RELEASE: str(ctx.release.pk), aws.TAG_SLOT: slot},
@@ -117,8 +240,8 @@ def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> 
         security_group_ids=[*ctx.env["security_group_ids"], ctx.env["verify_security_group_id"]],
         client_token=f"greenlight-{ctx.release.pk}-{slot}",
     )
-    ctx.record(info, role)
-    return info
+    ctx.info(f"launched {name} as {info.id} from {image}")
+    return ctx.record(info, role, slot)
 
 
 def target(ctx: Context, row: Instance) -> ssh.Target:
@@ -129,8 +252,8 @@ def target(ctx: Context, row: Instance) -> ssh.Target:
     return ssh.Target(host=row.address, port=ctx.env["ssh_port"], user=ctx.env["ssh_user"], private_key=key, host_key=row.host_key)
 
 
-def wait_for_ssh(ctx: Context, row: Instance, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
+def reachable(ctx: Context, row: Instance) -> None:
+    """SSH answers on the instance, with its host key pinned; else Wait."""
     if not row.host_key:
         # pin before the first contact when the console shows the key; else trust on first use
         keys = ctx.cloud.console_host_keys(row.instance_id)
@@ -139,19 +262,17 @@ def wait_for_ssh(ctx: Context, row: Instance, timeout: float = 180) -> None:
             Instance.objects.filter(pk=row.pk).update(host_key=preferred[0])
             row.host_key = preferred[0]
             ctx.info(f"pinned {row.name}'s host key from its console output", host=row.name)
-    while True:
-        try:
-            result = ssh.run(target(ctx, row), "true", timeout=30)
-            if not row.host_key:
-                Instance.objects.filter(pk=row.pk).update(host_key=result.host_key)
-                row.host_key = result.host_key
-                ctx.info(f"pinned host key {result.host_key.split()[0]} for {row.name}", host=row.name)
-            return
-        except AdapterError as exc:
-            if "host key" in str(exc) or time.monotonic() > deadline:
-                raise
-            ctx.check_cancel()
-            time.sleep(1)
+    try:
+        result = ssh.run(target(ctx, row), "true", timeout=30)
+    except AdapterError as exc:
+        if "host key" in str(exc):
+            raise
+        raise Wait(f"ssh:{row.instance_id}", f"SSH on {row.name} at {row.address}:{ctx.env['ssh_port']}",
+                   timeout=ctx.limit("ssh_timeout"), poll=10 * ctx.scale) from None
+    if not row.host_key:
+        Instance.objects.filter(pk=row.pk).update(host_key=result.host_key)
+        row.host_key = result.host_key
+        ctx.info(f"pinned host key {result.host_key.split()[0]} for {row.name}", host=row.name)
 
 
 def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
@@ -160,39 +281,26 @@ def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
     if not definition.get("phases", {}).get(phase):
         ctx.info(f"the recipe has no {phase} tasks")
         return
+    default_timeout = float(ctx.env.get("command_timeout", LIMIT_DEFAULTS["command_timeout"]))
 
     def on_host(row: Instance) -> None:
-        values = {
-            "host": row.address,
-            "instance_id": row.instance_id,
-            "name": row.name,
-            "ssh_user": ctx.env["ssh_user"],
-            "ssh_port": ctx.env["ssh_port"],
-            "ssh_key_file": ctx.env["ssh_key_file"],
-            "revision": ctx.release.revision,
-            "repository": ctx.env["repository"],
-            "app_port": ctx.env["app_port"],
-            "environment": ctx.env["name"],
-        }
-        for command in recipe.render(definition, phase, values, role=row.role):
-            ctx.check_cancel()
-            ctx.log.write(ctx.key, f"$ {command.text}", host=row.name, stream="info")
-            stderr: list[str] = []
-
-            def on_line(stream: str, text: str) -> None:
-                if stream == "stderr":
-                    stderr.append(text)
-                ctx.log.write(ctx.key, text, host=row.name, stream=stream)
-
-            if command.run == "local":
-                status = run_local(command.text, on_line, ctx.cancelled)
-            else:
-                status = ssh.run(target(ctx, row), command.text, timeout=COMMAND_TIMEOUT, on_line=on_line, cancelled=ctx.cancelled).exit_status
-            if ctx.cancelled():
-                raise Cancelled()
-            if status != 0:
-                last = ctx.log.redact(stderr[-1]) if stderr else "no output on stderr"
-                raise StepFailed(f"{command.task} failed on {row.name} (exit {status}): {last}")
+        try:
+            values = {
+                "host": row.address,
+                "instance_id": row.instance_id,
+                "name": row.name,
+                "ssh_user": ctx.env["ssh_user"],
+                "ssh_port": ctx.env["ssh_port"],
+                "ssh_key_file": ctx.env["ssh_key_file"],
+                "revision": ctx.release.revision,
+                "repository": ctx.env["repository"],
+                "app_port": ctx.env["app_port"],
+                "environment": ctx.env["name"],
+            }
+            for command in recipe.render(definition, phase, values, role=row.role):
+                run_command(ctx, row, command, getattr(command, "timeout", None) or default_timeout)
+        finally:
+            connection.close()  # this thread's own database connection
 
     with ThreadPoolExecutor(max_workers=min(SSH_WORKERS, len(rows)) or 1) as pool:
         futures = [pool.submit(on_host, row) for row in rows]
@@ -201,22 +309,28 @@ def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
         raise error
 
 
-def run_local(command: str, on_line, cancelled) -> int:
-    process = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+def run_command(ctx: Context, row: Instance, command: recipe.Command, timeout: float) -> None:
+    ctx.check_cancel()
+    ctx.log.write(ctx.key, f"$ {command.text}", host=row.name, stream="info")
+    stderr: list[str] = []
 
-    def pump(stream, name):
-        for raw in iter(stream.readline, b""):
-            on_line(name, raw.rstrip(b"\n").decode(errors="replace"))
+    def on_line(stream: str, text: str) -> None:
+        if stream == "stderr":
+            stderr.append(text)
+        ctx.log.write(ctx.key, text, host=row.name, stream=stream)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pool.submit(pump, process.stdout, "stdout")
-        pool.submit(pump, process.stderr, "stderr")
-        deadline = time.monotonic() + COMMAND_TIMEOUT
-        while process.poll() is None:
-            if cancelled() or time.monotonic() > deadline:
-                process.kill()
-            time.sleep(0.1)
-    return process.returncode
+    try:
+        if command.run == "local":
+            status = local.run(command.text, timeout=timeout, on_line=on_line, cancelled=ctx.cancelled)
+        else:
+            status = ssh.run(target(ctx, row), command.text, timeout=timeout, on_line=on_line, cancelled=ctx.cancelled).exit_status
+    except CommandCancelled:
+        raise Cancelled() from None
+    if ctx.cancelled():
+        raise Cancelled()
+    if status != 0:
+        last = ctx.log.redact(stderr[-1]) if stderr else "no output on stderr"
+        raise StepFailed(f"{command.task} failed on {row.name} (exit {status}): {last}")
 
 
 def http_check(url: str, expect: str = "") -> tuple[bool, str]:
@@ -237,56 +351,54 @@ def http_check(url: str, expect: str = "") -> tuple[bool, str]:
     return True, f"GET {url} 200{f' {expect!r}' if expect else ''} ({took} ms)"
 
 
-def smoke(ctx: Context, base: str, timeout: float = 60) -> list[str]:
-    """Retry both checks until they pass or `timeout`; the last results either way."""
+def smoke(ctx: Context, rows: list[Instance]) -> dict[str, list[str]]:
+    """Both checks on every instance at once; the results once all pass, else Wait."""
     expect = ctx.env["expected_text"].replace("{revision}", ctx.release.revision)
-    deadline = time.monotonic() + timeout
-    while True:
-        results = [http_check(base + "/", expect), http_check(base + ctx.env["health_path"])]
-        if all(ok for ok, _ in results):
-            for _, line in results:
-                ctx.info(line)
-            return [line for _, line in results]
-        if time.monotonic() > deadline:
-            raise StepFailed("; ".join(line for ok, line in results if not ok))
-        ctx.check_cancel()
-        time.sleep(1)
 
+    def check(row: Instance) -> list[tuple[bool, str]]:
+        base = ctx.url(row, "").rstrip("/")
+        return [http_check(base + "/", expect), http_check(base + ctx.env["health_path"])]
 
-def instance_rows(ctx: Context, ids: list[str]) -> list[Instance]:
-    rows = {r.instance_id: r for r in Instance.objects.filter(release=ctx.release, instance_id__in=ids)}
-    return [rows[i] for i in ids if i in rows]
+    with ThreadPoolExecutor(max_workers=min(CHECK_WORKERS, len(rows)) or 1) as pool:
+        results = dict(zip((r.name for r in rows), pool.map(check, rows)))
+    failing = {name: [line for ok, line in checks if not ok] for name, checks in results.items() if not all(ok for ok, _ in checks)}
+    if failing:
+        name, lines = next(iter(failing.items()))
+        raise Wait("smoke", f"{len(failing)} of {len(rows)} instances to pass their checks ({name}: {lines[0]})",
+                   timeout=ctx.limit("smoke_timeout"), poll=5 * ctx.scale)
+    for name, checks in results.items():
+        for _, line in checks:
+            ctx.info(line, host=name)
+    return {name: [line for _, line in checks] for name, checks in results.items()}
 
 
 # -- the steps -------------------------------------------------------------------
 
 
 def launch(ctx: Context) -> dict:
-    if "old" not in ctx.state:
+    if not ctx.state.get("old_recorded"):
         old = ctx.cloud.registered()
-        ctx.save(old=old)
         for info in ctx.cloud.instances(ids=old) if old else []:
             ctx.record(info, Instance.Role.OLD)
+        ctx.save(old_recorded=True)
     name = ctx.state.get("canary_name") or next_names(ctx, 1)[0]
     ctx.save(canary_name=name)
-    info = launch_one(ctx, slot="canary", name=name, image=ctx.env["image"], role=Instance.Role.CANARY)
-    ctx.save(canary=info.id)
-    info = ctx.cloud.wait_for_state([info.id], "running")[0]
-    ctx.record(info, Instance.Role.CANARY)
+    row = launch_one(ctx, slot="canary", name=name, image=ctx.env["image"], role=Instance.Role.CANARY)
+    [info] = wait_for_states(ctx, [row.instance_id], "running", "running")
     ctx.info(f"{name} is {info.id}, running at {info.address(ctx.env['address'])} from {ctx.env['image']}")
     return {"instance": info.id, "name": name}
 
 
 def provision(ctx: Context) -> dict:
-    [row] = instance_rows(ctx, [ctx.state["canary"]])
-    wait_for_ssh(ctx, row)
+    row = ctx.canary()
+    reachable(ctx, row)
     run_phase(ctx, "provision", [row])
     return {}
 
 
 def deploy(ctx: Context) -> dict:
-    [row] = instance_rows(ctx, [ctx.state["canary"]])
-    wait_for_ssh(ctx, row)
+    row = ctx.canary()
+    reachable(ctx, row)
     run_phase(ctx, "deploy", [row])
     return {"revision": ctx.release.revision}
 
@@ -300,8 +412,8 @@ def open_access(ctx: Context) -> dict:
 
 
 def smoke_direct(ctx: Context) -> dict:
-    [row] = instance_rows(ctx, [ctx.state["canary"]])
-    return {"url": ctx.url(row), "checks": smoke(ctx, ctx.url(row, "").rstrip("/"))}
+    row = ctx.canary()
+    return {"url": ctx.url(row), "checks": smoke(ctx, [row])[row.name]}
 
 
 def close_access(ctx: Context) -> dict:
@@ -309,51 +421,64 @@ def close_access(ctx: Context) -> dict:
     return {}
 
 
-def revoke_access(ctx: Context) -> None:
+def revoke_access(ctx: Context) -> dict:
     if access := ctx.state.get("access"):
         ctx.cloud.close_port(access["group"], access["port"], access["cidr"])
         ctx.info(f"closed tcp/{access['port']} to {access['cidr']} in {access['group']}")
+    return {}
 
 
 def bake_image(ctx: Context) -> dict:
-    canary = ctx.state["canary"]
-    ctx.cloud.stop([canary])
-    ctx.info(f"stopped {ctx.state['canary_name']} to bake it")
+    canary = ctx.canary()
     name = f"greenlight-{ctx.env['name']}-release-{ctx.release.pk}"
-    image = ctx.cloud.bake(canary, name, {aws.TAG_RELEASE: str(ctx.release.pk), aws.TAG_ENVIRONMENT: ctx.env["name"], "revision": ctx.release.revision})
-    ctx.save(image=image)
+    image = ctx.state.get("image")
+    if not image:
+        [info] = ctx.cloud.instances(ids=[canary.instance_id]) or [None]
+        if info is not None and info.state == "running":
+            ctx.cloud.stop([canary.instance_id])
+            ctx.info(f"stopping {canary.name} to bake it")
+        wait_for_states(ctx, [canary.instance_id], "stopped", "canary stopped")
+        tags = {aws.TAG_RELEASE: str(ctx.release.pk), aws.TAG_ENVIRONMENT: ctx.env["name"], "revision": ctx.release.revision}
+        image = ctx.cloud.create_image(canary.instance_id, name, tags)
+        ctx.save(image=image)
+        ctx.info(f"creating image {image} ({name}) from {canary.name}")
+    state = ctx.cloud.image_state(image)
+    if state in ("failed", "error", "invalid", "deregistered"):
+        raise StepFailed(f"image {image} ({name}) is {state}")
+    if state != "available":
+        raise Wait("image", f"image {image} to be available (it is {state})", timeout=ctx.limit("image_timeout"),
+                   poll=30 * ctx.scale)
     ctx.info(f"image {image} ({name}) is available")
     return {"image": image}
 
 
 def launch_clones(ctx: Context) -> dict:
-    canary = ctx.state["canary"]
-    ctx.cloud.start([canary])
-    ctx.record(ctx.cloud.instances(ids=[canary])[0], Instance.Role.CANARY)
+    canary = ctx.canary()
+    [info] = ctx.cloud.instances(ids=[canary.instance_id]) or [None]
+    if info is not None and info.state == "stopped":
+        ctx.cloud.start([canary.instance_id])
+        ctx.info(f"starting {canary.name} again")
     count = ctx.release.fleet_size - 1
     names = ctx.state.get("clone_names") or next_names(ctx, count)
     ctx.save(clone_names=names)
-    clones = [launch_one(ctx, slot=f"clone-{n}", name=name, image=ctx.state["image"], role=Instance.Role.CLONE).id for n, name in enumerate(names, 1)]
-    ctx.save(clones=clones)
-    for info in ctx.cloud.wait_for_state(clones, "running") if clones else []:
-        ctx.record(info, Instance.Role.CLONE)
-        ctx.info(f"{info.name} is {info.id}, running at {info.address(ctx.env['address'])}")
-    return {"clones": clones}
+    for n, name in enumerate(names, 1):
+        launch_one(ctx, slot=f"clone-{n}", name=name, image=ctx.state["image"], role=Instance.Role.CLONE)
+    rows = ctx.new_rows()
+    wait_for_states(ctx, [r.instance_id for r in rows], "running", "running")
+    for row in Instance.objects.filter(pk__in=[r.pk for r in rows]):
+        ctx.info(f"{row.name} is {row.instance_id}, running at {row.address}")
+    return {"clones": [r.instance_id for r in rows if r.role == Instance.Role.CLONE]}
 
 
 def smoke_clones(ctx: Context) -> dict:
-    checks = {}
-    for row in instance_rows(ctx, ctx.new_ids()):
-        ctx.check_cancel()
-        checks[row.name] = smoke(ctx, ctx.url(row, "").rstrip("/"), timeout=180)
-    return {"checks": checks}
+    return {"checks": smoke(ctx, ctx.new_rows())}
 
 
 def register_new(ctx: Context) -> dict:
     new = ctx.new_ids()
-    ctx.cloud.register(new)
-    ctx.info(f"registered {', '.join(new)}; waiting until every one is in service")
-    ctx.cloud.wait_in_service(new, cancelled=ctx.cancelled)
+    if added := ctx.cloud.register(new):
+        ctx.info(f"registered {ctx.names(added)} with the load balancer")
+    in_service(ctx, new, "in service")
     ctx.info("every new instance is in service")
     return {}
 
@@ -372,26 +497,80 @@ def verify_production(ctx: Context, attempts: int = 10) -> dict:
     return {"url": url}
 
 
-def deregister_old(ctx: Context) -> dict:
-    old = [i for i in ctx.state.get("old", []) if i not in ctx.new_ids()]
+def take_out(ctx: Context, ids: list[str], mark: str) -> None:
+    """Deregister `ids` and wait until they drained. The mark is saved before
+    the call, so a run after a crash still waits for the draining it began."""
     registered = set(ctx.cloud.registered())
-    ctx.cloud.deregister([i for i in old if i in registered])
-    wait = min(ctx.cloud.draining_timeout(), 300)
-    ctx.info(f"deregistered {', '.join(old) or 'nothing'}; draining for {wait:g}s")
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        ctx.check_cancel()
-        time.sleep(min(1, max(0.0, deadline - time.monotonic())))
+    leaving = [i for i in ids if i in registered]
+    if leaving:
+        ctx.save(**{mark: True})
+        ctx.cloud.deregister(leaving)
+        ctx.info(f"deregistered {ctx.names(leaving)}; draining")
+    if ctx.state.get(mark):
+        drained(ctx, ids, "draining")
+
+
+def deregister_old(ctx: Context) -> dict:
+    take_out(ctx, ctx.old_ids(), "old_deregistered")
     return {}
 
 
+def stop(ctx: Context, ids: list[str]) -> list[str]:
+    """Stop whichever of `ids` run; Wait until every one is stopped. An
+    instance still pending cannot be stopped yet (EC2 refuses), so it is waited on."""
+    infos = ctx.cloud.instances(ids=ids) if ids else []
+    running = [i.id for i in infos if i.state == "running"]
+    if running:
+        ctx.cloud.stop(running)
+        ctx.info(f"stopping {ctx.names(running)}")
+    present = [i.id for i in infos if i.state not in ("terminated", "shutting-down")]
+    if [i for i in infos if i.state != "stopped" and i.id in present]:
+        wait_for_states(ctx, present, "stopped", "stopped")
+    ctx.refresh(infos)
+    return present
+
+
 def stop_old(ctx: Context) -> dict:
-    old = [i for i in ctx.state.get("old", []) if i not in ctx.new_ids()]
-    ctx.cloud.stop(old)
-    for info in ctx.cloud.instances(ids=old) if old else []:
-        ctx.record(info, Instance.Role.OLD)
-    ctx.info(f"stopped {', '.join(old) or 'nothing'}; they are terminated after {ctx.env['retention']}s")
-    return {"stopped": old}
+    stopped = stop(ctx, ctx.old_ids())
+    ctx.info(f"stopped {ctx.names(stopped)}; they are terminated after {ctx.env['retention']}s")
+    return {"stopped": stopped}
+
+
+# -- rollback: the plan's undo steps (plan.UNDO) -----------------------------------------
+
+
+def restore_old(ctx: Context) -> dict:
+    """The old fleet running, registered and in service, before anything new leaves."""
+    old = ctx.old_ids()
+    if not old:
+        return {}
+    infos = ctx.cloud.instances(ids=old)
+    stopped = [i.id for i in infos if i.state == "stopped"]
+    if stopped:
+        ctx.cloud.start(stopped)
+        ctx.info(f"starting {ctx.names(stopped)} again")
+    live = [i.id for i in infos if i.state not in ("terminated", "shutting-down")]
+    if not live:
+        raise StepFailed(f"the old instances {ctx.names(old)} are gone; there is nothing to go back to")
+    wait_for_states(ctx, live, "running", "old running")
+    if added := ctx.cloud.register(live):
+        ctx.info(f"registered {ctx.names(added)} again")
+    in_service(ctx, live, "old in service")
+    ctx.info(f"{ctx.names(live)} in service")
+    return {}
+
+
+def retire_new(ctx: Context) -> dict:
+    take_out(ctx, ctx.new_ids(), "new_deregistered")
+    return {}
+
+
+def stop_new(ctx: Context) -> dict:
+    """Stopped, never terminated: a person can still look at a bad canary."""
+    stopped = stop(ctx, ctx.new_ids())
+    if stopped:
+        ctx.info(f"{ctx.names(stopped)} stopped")
+    return {}
 
 
 ACTIONS = {
@@ -408,6 +587,10 @@ ACTIONS = {
     "verify_production": verify_production,
     "deregister_old": deregister_old,
     "stop_old": stop_old,
+    "restore_old": restore_old,
+    "retire_new": retire_new,
+    "stop_new": stop_new,
+    "revoke_access": revoke_access,
 }
 
 
@@ -415,7 +598,7 @@ ACTIONS = {
 
 
 def verify_card(ctx: Context) -> dict:
-    [row] = instance_rows(ctx, [ctx.state["canary"]])
+    row = ctx.canary()
     smoke_step = ctx.release.steps.filter(key="smoke_direct").first()
     return {"instance": row.instance_id, "name": row.name, "url": ctx.url(row), "checks": (smoke_step.result if smoke_step else {}).get("checks", [])}
 
@@ -431,46 +614,9 @@ def swap_card(ctx: Context) -> dict:
             for i in ids
         ]
 
-    return {"old": describe(ctx.state.get("old", [])), "new": describe(ctx.new_ids())}
+    return {"old": describe(ctx.old_ids()), "new": describe(ctx.new_ids())}
 
 
 GATE_CARDS = {"verify_directly": verify_card, "swap_elb": swap_card}
 
-
-# -- rollback -----------------------------------------------------------------------
-
-
-def roll_back(ctx: Context) -> None:
-    """Old fleet running and in service first, then the new one out, then the rule."""
-    old = [i for i in ctx.state.get("old", []) if i not in ctx.new_ids()]
-    new = ctx.new_ids()
-    ctx.info("rolling back: putting the old instances back in service")
-    if old:
-        stopped = [i.id for i in ctx.cloud.instances(ids=old) if i.state in ("stopped", "stopping")]
-        if stopped:
-            ctx.cloud.wait_for_state(stopped, "stopped")
-            ctx.cloud.start(stopped)
-            ctx.info(f"started {', '.join(stopped)}")
-        ctx.cloud.register(old)
-        ctx.cloud.wait_in_service(old)
-        ctx.info(f"{', '.join(old)} in service")
-    registered = set(ctx.cloud.registered())
-    leaving = [i for i in new if i in registered]
-    if leaving:
-        ctx.cloud.deregister(leaving)
-        wait = min(ctx.cloud.draining_timeout(), 300)
-        ctx.info(f"deregistered {', '.join(leaving)}; draining for {wait:g}s")
-        time.sleep(wait)
-    running = [i.id for i in ctx.cloud.instances(ids=new, states=("pending", "running"))] if new else []
-    if running:
-        ctx.cloud.stop(running)
-        ctx.info(f"stopped {', '.join(running)}")
-    for info in ctx.cloud.instances(ids=[*old, *new]) if old or new else []:
-        row = Instance.objects.filter(release=ctx.release, instance_id=info.id).first()
-        if row:
-            Instance.objects.filter(pk=row.pk).update(state=info.state)
-    revoke_access(ctx)
-    ctx.info("rolled back")
-
-
-__all__ = ["ACTIONS", "GATE_CARDS", "Cancelled", "Context", "StepFailed", "roll_back"]
+__all__ = ["ACTIONS", "GATE_CARDS", "Cancelled", "Context", "StepFailed", "Wait"]

@@ -240,6 +240,8 @@ def _panel_context(request, release_id: int) -> dict:
         "may_deploy": permissions.can_deploy(user),
         "decision_form": DecisionForm(),
         "failed_step": next((s for s in steps if s.status == "failed"), None),
+        "actions": selectors.person_actions(release, steps),
+        "history": list(release.history.all()),
     }
 
 
