@@ -1,5 +1,6 @@
 """Whole releases on the sandbox, driven through the API, run by a real worker."""
 
+import os
 import time
 
 import pytest
@@ -304,3 +305,78 @@ def test_a_command_printing_100000_lines_reaches_the_log_complete_and_in_order(p
     seqs = list(LogLine.objects.filter(release=release).values_list("seq", flat=True))
     assert seqs == list(range(1, len(seqs) + 1))
     context.cloud.terminate([host["InstanceId"]])
+
+
+def slow_recipe(prepan: Environment, pidfile) -> None:
+    """The demo recipe with a local task in provision, and a deploy that ends in a long command."""
+    from deployer.sandbox.demo_recipe import RECIPE
+    from releases.models import Recipe
+
+    definition = {
+        **RECIPE,
+        "params": {**RECIPE["params"], "pidfile": str(pidfile)},
+        "tasks": {
+            **RECIPE["tasks"],
+            "provision:announce": {"run": "local", "commands": ["echo provisioning {name} at {host} as {ssh_user}"]},
+            # two children in the background and one in front, each writing its pid down
+            "deploy:slow-local": {"run": "local", "timeout": 600, "commands": [
+                "sleep 300 & echo $! >> {pidfile}; sleep 301 & echo $! >> {pidfile}; echo about to wait; wait"]},
+            "deploy:slow-remote": {"run": "remote", "commands": ["echo about to wait; sleep 302"]},
+        },
+    }
+    definition["phases"] = {**RECIPE["phases"], "provision": [*RECIPE["phases"]["provision"], "provision:announce"]}
+    recipe = Recipe.objects.create(name=f"slow-{pidfile.name}", definition=definition)
+    Environment.objects.filter(pk=prepan.pk).update(recipe=recipe)
+    return definition
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended; only its parent has not looked
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("where", ["remote", "local"])
+def test_cancelling_inside_a_long_command_ends_cancelled_with_the_old_fleet_serving_and_no_process_left(
+        prepan, dana, where, tmp_path, release_sandbox):
+    from releases.models import Recipe
+    from tests.helpers import wait_for
+
+    pidfile = tmp_path / "pids"
+    definition = slow_recipe(prepan, pidfile)
+    definition["phases"]["deploy"] = ["deploy:setup:dir", f"deploy:slow-{where}"]
+    Recipe.objects.filter(environment=prepan).update(definition=definition)
+    before = serving(prepan)
+    release_id = start(dana, "v2" if before == "v1" else "v1", clone_count=1)
+    wait_for(lambda: LogLine.objects.filter(release_id=release_id, text="about to wait").exists(), 90, 0.1,
+             "the long command to start")
+
+    response = api(dana).post(f"/api/releases/{release_id}/cancel")
+
+    assert response.status_code == 200, response.json()
+    release = wait_status(release_id, Release.Status.CANCELLED, timeout=60)
+    assert release.steps.get(key="deploy").error == "cancelled"
+    assert [s.key for s in release.steps.filter(kind="rollback")] == ["stop_new"]
+    assert api(dana).post(f"/api/releases/{release_id}/cancel").status_code == 409
+    assert revisions_behind(prepan.public_url) == {before}
+    assert_nothing_left(prepan, release)
+    announced = LogLine.objects.filter(release=release, step="provision", text__startswith="provisioning ").get()
+    canary = release.instances.get(slot="canary")
+    assert announced.text == f"provisioning {canary.name} at {canary.address} as ec2-user" and announced.stream == "stdout"
+    if where == "local":
+        pids = [int(p) for p in pidfile.read_text().split()]
+        assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+    else:
+        def sleeping():
+            return [p for p in os.listdir("/proc") if p.isdigit() and b"sleep\x00302" in _cmdline(p)]
+        assert wait_for(lambda: not sleeping(), 10, 0.2, "the remote command to end")
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read()
+    except OSError:
+        return b""
