@@ -8,7 +8,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/greenlight
 # A Redis database of their own, so a running demo worker never takes test tasks.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: demo test bench lint browser install install-dev sandbox clean
+.PHONY: demo test bench lint browser screenshots install install-dev sandbox clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: install
 ## Run the test suite against PostgreSQL and Redis (after a quick lint)
 test: install-dev lint browser
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Refresh the README's screenshots (the browser test, writing to docs/screenshots/)
+screenshots: install-dev browser
+	SCREENSHOTS=$(CURDIR)/docs/screenshots DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest tests/test_browser.py -k clicked_through
 
 ## Measure the log pipeline's throughput (prints a table)
 bench: install-dev
