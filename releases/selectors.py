@@ -58,6 +58,7 @@ def release_dict(release: Release) -> dict:
         "status": release.status,
         "error": release.error,
         "cancel_requested": release.cancel_requested,
+        "actions": sorted(person_actions(release, steps)),
         "requested_by": release.requested_by.get_username(),
         "created_at": _time(release.created_at),
         "finished_at": _time(release.finished_at),

@@ -136,6 +136,22 @@ def test_a_gate_that_is_not_open_is_a_conflict_and_a_double_click_changes_nothin
     assert release.steps.get(key="verify_directly").approvals.count() == 1
 
 
+def test_a_release_shows_what_may_be_asked_of_it_and_its_history_and_refuses_the_rest(environment, dana):
+    release = services.release_create(environment=environment, revision="v2", actor=dana)
+    ravi = person("ravi", "approver")
+    open_gate(release)
+    api(ravi).post(f"/api/releases/{release.pk}/gates/verify_directly/approve", {"comment": "fine"}, format="json")
+
+    body = api(dana).get(f"/api/releases/{release.pk}/").json()
+    retry = api(dana).post(f"/api/releases/{release.pk}/retry")
+
+    assert body["status"] == "running" and body["actions"] == ["cancel"]
+    assert [(h["step"], h["action"], h["from"], h["to"], h["by"]) for h in body["history"]][-2:] == [
+        ("verify_directly", "approve", "awaiting_approval", "succeeded", "ravi"), (None, "approve", "awaiting_approval", "running", "ravi")]
+    assert body["history"][0] == {**body["history"][0], "action": "create", "to": "queued", "by": "dana"}
+    assert retry.status_code == 409 and "only a release with a failed step can be retried" in retry.json()["error"]
+
+
 def test_unknown_things_are_404(environment, dana):
     release = services.release_create(environment=environment, revision="v2", actor=dana)
 
