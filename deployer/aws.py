@@ -448,3 +448,48 @@ def describe_classic_load_balancer(account: Account, name: str) -> dict:
             for i in raw
         ],
     }
+
+
+def describe_target_group(account: Account, arn: str) -> dict:
+    """What an existing ELBv2 target group tells about itself, its load
+    balancer and its registered instances, for importing it as an
+    environment; the same shape as describe_classic_load_balancer's."""
+    elbv2, ec2 = client(account, "elbv2"), client(account, "ec2")
+    try:
+        group = elbv2.describe_target_groups(TargetGroupArns=[arn])["TargetGroups"][0]
+        lb_arns = group.get("LoadBalancerArns", [])
+        lbs = elbv2.describe_load_balancers(LoadBalancerArns=lb_arns[:1])["LoadBalancers"] if lb_arns else []
+        health = elbv2.describe_target_health(TargetGroupArn=arn)["TargetHealthDescriptions"]
+        # draining targets are on their way out; what stays is what the environment runs
+        states = {t["Target"]["Id"]: t["TargetHealth"]["State"] for t in health if t["TargetHealth"]["State"] != "draining"}
+        ids = list(states)
+        raw = [i for r in ec2.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]] if ids else []
+    except (ClientError, BotoCoreError, ResponseParserError) as exc:
+        raise _error(exc, f"describe target group {arn}") from None
+    lb = lbs[0] if lbs else {}
+    return {
+        "name": group["TargetGroupName"],
+        "target_group_arn": group["TargetGroupArn"],
+        "load_balancer_name": lb.get("LoadBalancerName", ""),
+        "dns_name": lb.get("DNSName", ""),
+        "vpc_id": group.get("VpcId", ""),
+        "instance_port": group.get("Port"),
+        "health_path": group.get("HealthCheckPath", ""),
+        "subnets": [zone["SubnetId"] for zone in lb.get("AvailabilityZones", []) if zone.get("SubnetId")],
+        "security_groups": lb.get("SecurityGroups", []),
+        "instances": [
+            {
+                "id": i["InstanceId"],
+                "state": i["State"]["Name"],
+                "health": states.get(i["InstanceId"], ""),
+                "image_id": i.get("ImageId", ""),
+                "instance_type": i.get("InstanceType", ""),
+                "key_name": i.get("KeyName", ""),
+                "subnet_id": i.get("SubnetId", ""),
+                "security_groups": [g["GroupId"] for g in i.get("SecurityGroups", [])],
+                "address": i.get("PrivateIpAddress", ""),
+                "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
+            }
+            for i in raw
+        ],
+    }

@@ -68,4 +68,12 @@ class ImportLookupForm(forms.Form):
     aws_endpoint_url = forms.URLField(required=False, label="AWS endpoint URL", help_text="empty for AWS itself")
     aws_credentials = forms.CharField(required=False, max_length=200, label="Credentials reference",
                                       help_text='"", "profile:NAME", "env:PREFIX" or "sandbox"')
-    load_balancer_name = forms.CharField(max_length=200, label="Classic load balancer name")
+    load_balancer_name = forms.CharField(required=False, max_length=200, label="Classic load balancer name")
+    target_group_arn = forms.CharField(required=False, max_length=400, label="or ELBv2 target group ARN",
+                                       help_text="for an application load balancer: arn:aws:elasticloadbalancing:...:targetgroup/...")
+
+    def clean(self):
+        data = super().clean()
+        if bool(data.get("load_balancer_name")) == bool(data.get("target_group_arn")):
+            raise forms.ValidationError("Name a classic load balancer or a target group ARN (one of the two).")
+        return data

@@ -234,14 +234,17 @@ def release_rollback(*, release: Release, actor, source_ip: str | None = None) -
 
 @transaction.atomic
 def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None = None) -> Environment:
-    """The sandbox's seeded environment, stored through the models."""
+    """The sandbox's seeded environment, stored through the models. `info` is
+    var/sandbox.json (its first environment) or one of its `environments`."""
     recipe, _ = Recipe.objects.update_or_create(name=f"{info['environment']}-demo", defaults={"definition": info["recipe"]})
+    # an environment names exactly one of the two: behind an ALB, its target group
+    alb = info.get("load_balancer_kind", "classic") == "alb"
     fields = {
         "region": info["region"],
         "aws_endpoint_url": info["aws_endpoint_url"],
         "aws_credentials": "sandbox",
-        "load_balancer_name": info["load_balancer_name"],
-        "target_group_arn": "",
+        "load_balancer_name": "" if alb else info["load_balancer_name"],
+        "target_group_arn": info["target_group_arn"] if alb else "",
         "public_url": info["load_balancer_url"],
         "verify_security_group_id": info["verify_security_group_id"],
         "verify_cidr": "127.0.0.1/32",
@@ -261,6 +264,8 @@ def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None 
         "desired_count": info["desired_count"],
         "repository": info["repository"],
         "recipe": recipe,
+        # a sandbox playing AWS's timings faster: the engine's waits run at its clock
+        "time_scale": info.get("time_scale", 1.0),
     }
     environment, created = Environment.objects.update_or_create(name=info["environment"], defaults=fields)
     environment.full_clean()

@@ -112,21 +112,26 @@ def recipe_edit(request, name: str | None = None):
 
 @deployer
 def environment_import(request):
-    """Pick a region and a load balancer, see its instances and tags, then
-    save it as an environment with what AWS already knows filled in."""
+    """Pick a region and a classic load balancer or a target group, see its
+    instances and tags, then save it as an environment with what AWS already
+    knows filled in."""
     lookup = ImportLookupForm(request.GET or None)
     context = {"lookup": lookup}
     if request.GET and lookup.is_valid():
         data = lookup.cleaned_data
+        where = {key: data[key] for key in ("region", "aws_endpoint_url", "aws_credentials")}
         try:
-            found = selectors.describe_load_balancer(**data)
+            if data["target_group_arn"]:
+                found = _describe_target_group(where, data["target_group_arn"])
+            else:
+                found = selectors.describe_load_balancer(**where, load_balancer_name=data["load_balancer_name"])
         except AdapterError as exc:
             lookup.add_error(None, str(exc))
         else:
             first = found["instances"][0] if found["instances"] else {}
             initial = {
                 **data,
-                "name": data["load_balancer_name"],
+                "name": data["load_balancer_name"] or found.get("load_balancer_name") or found["name"],
                 "public_url": f"http://{found['dns_name']}/" if found["dns_name"] else "",
                 "app_port": found["instance_port"] or 80,
                 "health_path": found["health_path"] or "/health",
@@ -139,6 +144,15 @@ def environment_import(request):
             }
             context.update(found=found, form=EnvironmentForm(initial=initial))
     return render(request, "releases/environment_import.html", context)
+
+
+def _describe_target_group(where: dict, arn: str) -> dict:
+    # selectors.describe_load_balancer reads classic ELBs only; this is its ELBv2 twin
+    from deployer import aws
+
+    from .engine import account_for
+
+    return aws.describe_target_group(account_for(where), arn)
 
 
 # -- the release wizard ------------------------------------------------------------------

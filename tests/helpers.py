@@ -39,8 +39,30 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.1, message: str
 class SandboxProcess:
     """`manage.py sandbox` as a child process, on ports and addresses of its own."""
 
-    def __init__(self, directory: Path, *, seed: bool = True, network: str | None = None, draining_timeout: int = 5):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        seed: bool = True,
+        network: str | None = None,
+        draining_timeout: int = 5,
+        timings: str | None = None,
+        time_scale: float | None = None,
+        timing: dict[str, float] | None = None,
+        load_balancer: str | None = None,
+        environments: list[str] | None = None,
+        seed_count: int | None = None,
+    ):
+        """Options left at None are not passed: the command's defaults apply
+        (the fast profile, one classic ELB, prepan with two instances)."""
         self.draining_timeout = draining_timeout
+        self.options: list[str] = []
+        for flag, value in (("--timings", timings), ("--time-scale", time_scale), ("--load-balancer", load_balancer),
+                            ("--environments", ",".join(environments) if environments else None), ("--seed-count", seed_count)):
+            if value is not None:
+                self.options += [flag, str(value)]
+        for name, seconds in (timing or {}).items():
+            self.options += ["--timing", f"{name}={seconds}"]
         self.directory = directory
         self.file = directory / "sandbox.json"
         # a /16 of its own, away from a demo's 127.77.0.0/16 and other test runs
@@ -59,6 +81,7 @@ class SandboxProcess:
             "--network", self.network,
             "--health-interval", "0.2",
             "--draining-timeout", str(self.draining_timeout),
+            *self.options,
         ]
         if not self.seed:
             args.append("--no-seed")

@@ -4,7 +4,9 @@ Every EC2 instance in the moto server whose private address is on loopback
 becomes a host: while it runs, an asyncssh server listens on its own
 address, and commands run as subprocesses in its directory. Stopping the
 instance ends its processes and its SSH server; starting it runs its boot
-script (`etc/rc.local`), as a reboot would. An instance launched from one of
+script (`etc/rc.local`), as a reboot would; in the `aws` timings profile that
+happens only once the instance is running and has booted, never while it is
+pending. An instance launched from one of
 the sandbox's images starts with a copy of the directory the image was made
 from.
 
@@ -264,7 +266,7 @@ class Hosts:
         views = [v for v in self.cloud.instances() if self.ours(v)]
         for view in views:
             host = self.hosts.get(view.id) or self.hosts.setdefault(view.id, Host(self, view))
-            if view.state in RUNNING_STATES and not host.up:
+            if view.state in RUNNING_STATES and not host.up and self.cloud.ready_to_boot(view):
                 try:
                     await host.boot(view)
                 except OSError as exc:

@@ -17,6 +17,7 @@ from .balancer import Balancer, HealthSettings
 from .cloud import Cloud
 from .demo_recipe import RECIPE
 from .hosts import Hosts, kill_marked
+from .timings import FAST, Timings
 
 log = logging.getLogger("sandbox")
 
@@ -30,28 +31,134 @@ class Config:
     file: Path  # where the endpoints are written once everything is up
     host: str = "127.0.0.1"
     aws_port: int = 5000
-    lb_port: int = 8080
+    lb_port: int = 8080  # the first environment's; the others get lb_port+i (or free ports, with 0)
     network: str = "127.77.0.0/16"  # instances get addresses here, on loopback
     ssh_port: int = 2222
     ssh_user: str = "ec2-user"
     app_port: int = 8080
     region: str = "us-west-1"
-    environment: str = "prepan"
+    environments: tuple[str, ...] = ("prepan",)
     instance_type: str = "t3.micro"
     health_path: str = "/health"
-    health: HealthSettings = field(default_factory=HealthSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)  # the fast profile's own checks
     draining_timeout: int = 5
     seed: bool = True
+    seed_count: int = 2
+    load_balancer: str = "classic"  # or "alb"
+    timings_profile: str = "fast"  # or "aws"
+    timings: Timings = FAST
+    time_scale: float = 1.0
+
+    @property
+    def environment(self) -> str:
+        return self.environments[0]
 
     @property
     def subnet(self) -> str:
-        return str(next(ipaddress.ip_network(self.network).subnets(new_prefix=24)))
+        return self.subnet_of(0)
+
+    def subnet_of(self, index: int) -> str:
+        """Each environment its own /24, so no two instances share an address."""
+        subnets = ipaddress.ip_network(self.network).subnets(new_prefix=24)
+        for _ in range(index):
+            next(subnets)
+        return str(next(subnets))
+
+    def name_prefix(self, index: int) -> str:
+        return "app-" if index == 0 else f"{self.environments[index]}-app-"
+
+    def lb_port_of(self, index: int) -> int:
+        return self.lb_port + index if self.lb_port else 0
+
+    def scaled(self, name: str) -> float:
+        return getattr(self.timings, name) * self.time_scale
+
+    def patience(self) -> float:
+        """How long seeding waits for a new instance to boot and answer SSH."""
+        return 30 + sum(self.scaled(n) for n in ("not_found", "instance_pending", "boot"))
+
+    def routable_timeout(self) -> float:
+        """How long seeding waits for the instances to pass the health checks."""
+        t = self.timings
+        if self.timings_profile != "aws":
+            return 60
+        checks = (t.target_healthy_threshold * t.target_health_interval if self.load_balancer == "alb"
+                  else t.elb_healthy_threshold * t.elb_health_interval)
+        return 60 + checks * self.time_scale
+
+
+@dataclass
+class Environment:
+    """One seeded environment: its plan, its balancer, and what seeding made."""
+    plan: seed.Plan
+    balancer: Balancer
+    ids: dict = field(default_factory=dict)
 
 
 class Sandbox:
     def __init__(self, config: Config):
         self.config = config
         self.ready = asyncio.Event()
+
+    def _plan(self, index: int, repo_url: str) -> seed.Plan:
+        config = self.config
+        name = config.environments[index]
+        return seed.Plan(
+            environment=name,
+            network=config.network,
+            subnet=config.subnet_of(index),
+            ssh_port=config.ssh_port,
+            ssh_user=config.ssh_user,
+            app_port=config.app_port,
+            health_path=config.health_path,
+            instance_type=config.instance_type,
+            key_file=config.directory / "keys" / f"{name}.pem",
+            host_keys_dir=config.directory / "instances",
+            repository=repo_url,
+            revision=repository.REVISIONS[0],
+            seed_count=config.seed_count,
+            name_prefix=config.name_prefix(index),
+            load_balancer=config.load_balancer,
+            timings=config.timings,
+            patience=config.patience(),
+        )
+
+    def _balancer(self, index: int, account: aws.Account) -> Balancer:
+        config = self.config
+        name = config.environments[index]
+        return Balancer(
+            account=account,
+            name=name,
+            target_group_name=f"{name}-app" if config.load_balancer == "alb" else None,
+            host=config.host,
+            port=config.lb_port_of(index),
+            health=config.health,
+            health_from_lb=config.timings_profile == "aws",
+            scale=config.time_scale,
+        )
+
+    def _connect(self, cloud: Cloud, balancers: list[Balancer]) -> None:
+        """The health APIs answer from the sandbox's balancers."""
+        by_name = {b.name: b for b in balancers if b.kind == "classic"}
+
+        def by_arn(arn: str) -> Balancer | None:
+            return next((b for b in balancers if b.target_group_arn == arn), None)
+
+        def instance_health(lb: str, instance_id: str):
+            balancer = by_name.get(lb)
+            return balancer.state_of(instance_id) if balancer else None
+
+        def target_health(arn: str, target_id: str, registered: bool):
+            balancer = by_arn(arn)
+            return balancer.target_state(target_id, registered) if balancer else None
+
+        def draining_targets(arn: str, registered: set[str]):
+            balancer = by_arn(arn)
+            return balancer.draining(registered) if balancer else []
+
+        cloud.instance_health = instance_health
+        cloud.target_health = target_health
+        cloud.draining_targets = draining_targets
 
     async def main(self) -> int:
         config = self.config
@@ -65,7 +172,8 @@ class Sandbox:
         if leftovers:
             log.warning("ended %d processes left by an earlier sandbox run", leftovers)
 
-        cloud = Cloud(host=config.host, port=config.aws_port, region=config.region, state_file=config.directory / "aws-state.pickle")
+        cloud = Cloud(host=config.host, port=config.aws_port, region=config.region, state_file=config.directory / "aws-state.pickle",
+                      timings=config.timings, scale=config.time_scale, aws_behaviour=config.timings_profile == "aws")
         endpoint = cloud.start()
         account = aws.Account(region=config.region, endpoint_url=endpoint, **{
             "access_key_id": CREDENTIALS["aws_access_key_id"],
@@ -73,53 +181,33 @@ class Sandbox:
         })
         hosts = Hosts(cloud=cloud, directory=config.directory, network=config.network, ssh_port=config.ssh_port, ssh_user=config.ssh_user)
         hosts_task = asyncio.create_task(hosts.run(stop))
-        balancer = Balancer(account=account, name=config.environment, host=config.host, port=config.lb_port, health=config.health)
-        balancer.start()
-        cloud.instance_health = lambda lb, instance_id: balancer.state_of(instance_id) if lb == config.environment else None
+        balancers = [self._balancer(i, account) for i in range(len(config.environments))]
+        for balancer in balancers:
+            balancer.start()
+        self._connect(cloud, balancers)
         status = 0
         try:
             repo_url = await loop.run_in_executor(None, repository.ensure, config.directory / "repo.git")
-            plan = seed.Plan(
-                environment=config.environment,
-                network=config.network,
-                subnet=config.subnet,
-                ssh_port=config.ssh_port,
-                ssh_user=config.ssh_user,
-                app_port=config.app_port,
-                health_path=config.health_path,
-                instance_type=config.instance_type,
-                draining_timeout=config.draining_timeout,
-                key_file=config.directory / "keys" / f"{config.environment}.pem",
-                host_keys_dir=config.directory / "instances",
-                repository=repo_url,
-                revision=repository.REVISIONS[0],
-            )
-
-            def wait_until_routable(instance_ids: set[str], timeout: float = 60) -> None:
-                deadline = time.monotonic() + timeout
-                while not instance_ids <= set(balancer.routable()):
-                    if time.monotonic() > deadline or stop.is_set():
-                        raise seed.SeedError(f"{sorted(instance_ids)} never became healthy behind {config.environment}")
-                    time.sleep(0.1)
-
-            seeding = loop.run_in_executor(None, seed.ensure_environment, account, plan, wait_until_routable) if config.seed else None
-            ids = {}
-            if seeding:
+            environments = [Environment(self._plan(i, repo_url), balancers[i]) for i in range(len(config.environments))]
+            if config.seed:
+                seeding = asyncio.gather(*(loop.run_in_executor(None, self._seed, account, e, stop) for e in environments))
                 stopping = asyncio.create_task(stop.wait())
                 done, _ = await asyncio.wait({seeding, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
                 if seeding not in done:
                     return 0
-                ids = seeding.result()
-            self._write_file(endpoint, balancer.url, repo_url, plan, ids, cloud, hosts)
+                for environment, ids in zip(environments, seeding.result()):
+                    environment.ids = ids
+            self._write_file(endpoint, repo_url, environments, cloud, hosts)
             self.ready.set()
-            log.info("sandbox ready: AWS %s, load balancer %s, endpoints in %s", endpoint, balancer.url, config.file)
+            log.info("sandbox ready (%s timings, scale %g, %s load balancer): AWS %s, load balancer %s, endpoints in %s",
+                     config.timings_profile, config.time_scale, config.load_balancer, endpoint, balancers[0].url, config.file)
             known = None
             while not stop.is_set():  # keep the file's instance list current
                 views = [v for v in cloud.instances() if hosts.ours(v)]
                 if views != known:
                     known = views
-                    self._write_file(endpoint, balancer.url, repo_url, plan, ids, cloud, hosts)
+                    self._write_file(endpoint, repo_url, environments, cloud, hosts)
                 try:
                     await asyncio.wait_for(stop.wait(), 1)
                 except asyncio.TimeoutError:
@@ -131,13 +219,44 @@ class Sandbox:
             stop.set()
             config.file.unlink(missing_ok=True)
             await hosts_task
-            balancer.stop()
+            for balancer in balancers:
+                balancer.stop()
             await hosts.shutdown()
             cloud.stop()
             log.info("sandbox stopped")
         return status
 
-    def _write_file(self, endpoint, lb_url, repo_url, plan, ids, cloud, hosts) -> None:
+    def _seed(self, account: aws.Account, environment: Environment, stop: asyncio.Event) -> dict:
+        balancer, timeout = environment.balancer, self.config.routable_timeout()
+
+        def wait_until_routable(instance_ids: set[str]) -> None:
+            deadline = time.monotonic() + timeout
+            while not instance_ids <= set(balancer.routable()):
+                if time.monotonic() > deadline or stop.is_set():
+                    raise seed.SeedError(f"{sorted(instance_ids)} never became healthy behind {balancer.name}")
+                time.sleep(0.1)
+
+        return seed.ensure_environment(account, environment.plan, wait_until_routable)
+
+    def _environment_entry(self, shared: dict, environment: Environment, instances: list[dict]) -> dict:
+        config, plan = self.config, environment.plan
+        subnet = ipaddress.ip_network(plan.subnet)
+        return {
+            **shared,
+            "environment": plan.environment,
+            "load_balancer_name": plan.environment,
+            "load_balancer_url": environment.balancer.url,
+            "ssh_key_file": str(plan.key_file),
+            "name_prefix": plan.name_prefix,
+            "desired_count": plan.seed_count,
+            # what the seeded load balancer drains for, unscaled, as it is configured
+            "draining_timeout": config.timings.deregistration_delay if config.load_balancer == "alb" else config.timings.connection_draining,
+            **({"target_group_name": plan.target_group_name} if config.load_balancer == "alb" else {}),
+            **environment.ids,
+            "instances": [i for i in instances if ipaddress.ip_address(i["private_ip"]) in subnet],
+        }
+
+    def _write_file(self, endpoint, repo_url, environments: list[Environment], cloud, hosts) -> None:
         config = self.config
         instances = [
             {
@@ -151,28 +270,29 @@ class Sandbox:
             for view in cloud.instances()
             if hosts.ours(view)
         ]
-        data = {
+        shared = {
             "ready": True,
             "aws_endpoint_url": endpoint,
             "region": config.region,
             **CREDENTIALS,
-            "environment": config.environment,
-            "load_balancer_name": config.environment,
-            "load_balancer_url": lb_url,
+            "load_balancer_kind": config.load_balancer,
+            "timings": config.timings_profile,
+            "time_scale": config.time_scale,
+            "timings_table": dict(config.timings.items()),
             "repository": repo_url,
             "revisions": list(repository.REVISIONS),
             "recipe": RECIPE,
             "ssh_user": config.ssh_user,
             "ssh_port": config.ssh_port,
-            "ssh_key_file": str(plan.key_file),
             "app_port": config.app_port,
             "health_path": config.health_path,
-            "draining_timeout": config.draining_timeout,
             "instance_type": config.instance_type,
-            "name_prefix": plan.name_prefix,
-            "desired_count": plan.seed_count,
-            **ids,
-            "instances": instances,
+        }
+        entries = [self._environment_entry(shared, e, instances) for e in environments]
+        data = {
+            **entries[0],
+            "instances": instances,  # every instance on the sandbox's network, as before
+            "environments": entries,
             "addressing": "an instance is reached at its PrivateIpAddress: ssh on ssh_port, the app on app_port",
         }
         tmp = config.file.with_suffix(".tmp")

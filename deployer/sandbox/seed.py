@@ -1,7 +1,9 @@
 """Seed the sandbox account with what procedure.md starts from.
 
-A VPC on loopback, a key pair, security groups, a classic ELB `prepan`, and
-instances `app-1` and `app-2` provisioned and serving `v1` behind it, all made
+A VPC on loopback, a key pair, security groups, a classic ELB `prepan` (or an
+application load balancer `prepan`, its listener and its target group
+`prepan-app`), and instances `app-1` and `app-2` provisioned and serving `v1`
+behind it, all made
 through boto3 against the moto server and paramiko against the instances'
 SSH servers, the way the release engine will. Every step looks before it
 creates, so a second start changes nothing; once the ELB exists the
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import asyncssh
 from .. import aws, recipe, ssh
 from ..errors import AdapterError
 from .demo_recipe import RECIPE
+from .timings import FAST, Timings
 
 log = logging.getLogger("sandbox.seed")
 TAG_ENVIRONMENT = "greenlight:environment"
@@ -34,19 +38,25 @@ class SeedError(RuntimeError):
 class Plan:
     environment: str
     network: str  # the VPC's CIDR
-    subnet: str
+    subnet: str  # this environment's part of it
     ssh_port: int
     ssh_user: str
     app_port: int
     health_path: str
     instance_type: str
-    draining_timeout: int
     key_file: Path
     host_keys_dir: Path  # instances/<id>/ssh_host_ed25519_key.pub
     repository: str
     revision: str
     seed_count: int = 2
     name_prefix: str = "app-"
+    load_balancer: str = "classic"  # or "alb": an application load balancer and a target group
+    timings: Timings = FAST  # the load balancer's settings come from here
+    patience: float = 30  # seconds to wait for a new instance to boot and answer SSH
+
+    @property
+    def target_group_name(self) -> str:
+        return f"{self.environment}-app"
 
 
 def _by_name(items: list[dict], name: str) -> dict | None:
@@ -169,15 +179,11 @@ def ensure_environment(
     wait_until_routable: Callable[[set[str]], None],
 ) -> dict:
     ec2 = aws.client(account, "ec2")
-    elb = aws.client(account, "elb")
     ids = ensure_account(ec2, plan)
-    try:
-        described = elb.describe_load_balancers(LoadBalancerNames=[plan.environment])
-    except elb.exceptions.AccessPointNotFoundException:
-        pass
-    else:
+    seeded = _seeded_alb(aws.client(account, "elbv2"), plan) if plan.load_balancer == "alb" else _seeded_classic(aws.client(account, "elb"), plan)
+    if seeded is not None:
         log.info("environment %s is already seeded", plan.environment)
-        registered = [i["InstanceId"] for i in described["LoadBalancerDescriptions"][0]["Instances"]]
+        registered, lb_ids = seeded
         running = ec2.describe_instances(
             Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}],
             InstanceIds=registered,
@@ -186,65 +192,89 @@ def ensure_environment(
             wait_until_routable({i["InstanceId"] for r in running for i in r["Instances"]})
         except SeedError as exc:
             log.warning("%s; starting anyway", exc)
-        return ids
+        return {**ids, **lb_ids}
 
-    instances = []
-    for n in range(1, plan.seed_count + 1):
-        name = f"{plan.name_prefix}{n}"
-        live = ec2.describe_instances(
-            Filters=[
-                {"Name": "tag:Name", "Values": [name]},
-                {"Name": "instance-state-name", "Values": ["pending", "running"]},
-            ]
-        )["Reservations"]
-        if live:
-            instance = live[0]["Instances"][0]
-        else:
-            instance = ec2.run_instances(
-                ImageId=ids["base_ami"],
-                InstanceType=plan.instance_type,
-                KeyName=ids["key_name"],
-                SubnetId=ids["subnet_id"],
-                SecurityGroupIds=[ids["app_security_group_id"], ids["verify_security_group_id"]],
-                MinCount=1,
-                MaxCount=1,
-                ClientToken=f"greenlight-sandbox-{plan.environment}-{name}",
-                TagSpecifications=[
-                    {
-                        "ResourceType": "instance",
-                        "Tags": [{"Key": "Name", "Value": name}, {"Key": TAG_ENVIRONMENT, "Value": plan.environment}],
-                    }
-                ],
-            )["Instances"][0]
-            log.info("launched %s as %s at %s", name, instance["InstanceId"], instance["PrivateIpAddress"])
-        instances.append((name, instance))
+    instances = [(name, _launch(ec2, plan, ids, name)) for name in (f"{plan.name_prefix}{n}" for n in range(1, plan.seed_count + 1))]
+    with ThreadPoolExecutor(max_workers=len(instances) or 1) as pool:  # hosts are independent, as on AWS
+        list(pool.map(lambda pair: _provision(plan, *pair), instances))
+    instance_ids = [instance["InstanceId"] for _, instance in instances]
+    if plan.load_balancer == "alb":
+        lb_ids = _create_alb(aws.client(account, "elbv2"), plan, ids, instance_ids)
+    else:
+        lb_ids = _create_classic(aws.client(account, "elb"), plan, ids, instance_ids)
+    wait_until_routable(set(instance_ids))
+    return {**ids, **lb_ids}
 
-    for name, instance in instances:
-        deadline = time.monotonic() + 30
-        while not (plan.host_keys_dir / instance["InstanceId"] / "ssh_host_ed25519_key.pub").exists():
-            if time.monotonic() > deadline:
-                raise SeedError(f"{name} did not boot within 30s")
-            time.sleep(0.1)
-        target = target_for(instance, plan)
-        wait_for_ssh(target)
-        apply(
-            target,
-            ["provision", "deploy"],
+
+def _launch(ec2, plan: Plan, ids: dict, name: str) -> dict:
+    live = ec2.describe_instances(
+        Filters=[
+            {"Name": "tag:Name", "Values": [name]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        ]
+    )["Reservations"]
+    if live:
+        return live[0]["Instances"][0]
+    instance = ec2.run_instances(
+        ImageId=ids["base_ami"],
+        InstanceType=plan.instance_type,
+        KeyName=ids["key_name"],
+        SubnetId=ids["subnet_id"],
+        SecurityGroupIds=[ids["app_security_group_id"], ids["verify_security_group_id"]],
+        MinCount=1,
+        MaxCount=1,
+        ClientToken=f"greenlight-sandbox-{plan.environment}-{name}",
+        TagSpecifications=[
             {
-                "host": target.host,
-                "instance_id": instance["InstanceId"],
-                "name": name,
-                "ssh_user": plan.ssh_user,
-                "ssh_port": plan.ssh_port,
-                "ssh_key_file": str(plan.key_file),
-                "revision": plan.revision,
-                "repository": plan.repository,
-                "app_port": plan.app_port,
-                "environment": plan.environment,
-            },
-        )
-        log.info("%s provisioned and serving %s", name, plan.revision)
+                "ResourceType": "instance",
+                "Tags": [{"Key": "Name", "Value": name}, {"Key": TAG_ENVIRONMENT, "Value": plan.environment}],
+            }
+        ],
+    )["Instances"][0]
+    log.info("launched %s as %s at %s", name, instance["InstanceId"], instance["PrivateIpAddress"])
+    return instance
 
+
+def _provision(plan: Plan, name: str, instance: dict) -> None:
+    deadline = time.monotonic() + plan.patience
+    while not (plan.host_keys_dir / instance["InstanceId"] / "ssh_host_ed25519_key.pub").exists():
+        if time.monotonic() > deadline:
+            raise SeedError(f"{name} did not boot within {plan.patience:g}s")
+        time.sleep(0.1)
+    target = target_for(instance, plan)
+    wait_for_ssh(target, plan.patience)
+    apply(
+        target,
+        ["provision", "deploy"],
+        {
+            "host": target.host,
+            "instance_id": instance["InstanceId"],
+            "name": name,
+            "ssh_user": plan.ssh_user,
+            "ssh_port": plan.ssh_port,
+            "ssh_key_file": str(plan.key_file),
+            "revision": plan.revision,
+            "repository": plan.repository,
+            "app_port": plan.app_port,
+            "environment": plan.environment,
+        },
+    )
+    log.info("%s provisioned and serving %s", name, plan.revision)
+
+
+# -- a classic ELB -------------------------------------------------------------------
+
+
+def _seeded_classic(elb, plan: Plan) -> tuple[list[str], dict] | None:
+    try:
+        described = elb.describe_load_balancers(LoadBalancerNames=[plan.environment])
+    except elb.exceptions.AccessPointNotFoundException:
+        return None
+    return [i["InstanceId"] for i in described["LoadBalancerDescriptions"][0]["Instances"]], {}
+
+
+def _create_classic(elb, plan: Plan, ids: dict, instance_ids: list[str]) -> dict:
+    timings = plan.timings
     elb.create_load_balancer(
         LoadBalancerName=plan.environment,
         Listeners=[{"Protocol": "HTTP", "LoadBalancerPort": 80, "InstanceProtocol": "HTTP", "InstancePort": plan.app_port}],
@@ -256,19 +286,76 @@ def ensure_environment(
         LoadBalancerName=plan.environment,
         HealthCheck={
             "Target": f"HTTP:{plan.app_port}{plan.health_path}",
-            "Interval": 5,  # AWS's minimum; the sandbox balancer checks faster
-            "Timeout": 2,
-            "UnhealthyThreshold": 2,
-            "HealthyThreshold": 2,
+            "Interval": int(timings.elb_health_interval),
+            "Timeout": int(timings.elb_health_timeout),
+            "UnhealthyThreshold": timings.elb_unhealthy_threshold,
+            "HealthyThreshold": timings.elb_healthy_threshold,
         },
     )
     elb.modify_load_balancer_attributes(
         LoadBalancerName=plan.environment,
-        LoadBalancerAttributes={"ConnectionDraining": {"Enabled": True, "Timeout": plan.draining_timeout}},
+        LoadBalancerAttributes={"ConnectionDraining": {"Enabled": True, "Timeout": int(timings.connection_draining)}},
     )
     elb.register_instances_with_load_balancer(
         LoadBalancerName=plan.environment,
-        Instances=[{"InstanceId": instance["InstanceId"]} for _, instance in instances],
+        Instances=[{"InstanceId": instance_id} for instance_id in instance_ids],
     )
-    wait_until_routable({instance["InstanceId"] for _, instance in instances})
-    return ids
+    return {}
+
+
+# -- an application load balancer and its target group -------------------------------
+
+
+def _seeded_alb(elbv2, plan: Plan) -> tuple[list[str], dict] | None:
+    try:
+        lb = elbv2.describe_load_balancers(Names=[plan.environment])["LoadBalancers"][0]
+        group = elbv2.describe_target_groups(Names=[plan.target_group_name])["TargetGroups"][0]
+    except (elbv2.exceptions.LoadBalancerNotFoundException, elbv2.exceptions.TargetGroupNotFoundException):
+        return None
+    health = elbv2.describe_target_health(TargetGroupArn=group["TargetGroupArn"])["TargetHealthDescriptions"]
+    registered = [t["Target"]["Id"] for t in health if t["TargetHealth"]["State"] != "draining"]
+    return registered, {"load_balancer_arn": lb["LoadBalancerArn"], "target_group_arn": group["TargetGroupArn"]}
+
+
+def _create_alb(elbv2, plan: Plan, ids: dict, instance_ids: list[str]) -> dict:
+    """A target group first, so that a crash before the load balancer exists
+    leaves nothing that looks seeded; the next start finds the group by name."""
+    timings = plan.timings
+    try:
+        group = elbv2.describe_target_groups(Names=[plan.target_group_name])["TargetGroups"][0]
+    except elbv2.exceptions.TargetGroupNotFoundException:
+        group = elbv2.create_target_group(
+            Name=plan.target_group_name,
+            Protocol="HTTP",
+            Port=plan.app_port,
+            VpcId=ids["vpc_id"],
+            TargetType="instance",
+            HealthCheckProtocol="HTTP",
+            HealthCheckPath=plan.health_path,
+            HealthCheckIntervalSeconds=int(timings.target_health_interval),
+            HealthCheckTimeoutSeconds=int(timings.target_health_timeout),
+            HealthyThresholdCount=timings.target_healthy_threshold,
+            UnhealthyThresholdCount=timings.target_unhealthy_threshold,
+            Tags=[{"Key": TAG_ENVIRONMENT, "Value": plan.environment}],
+        )["TargetGroups"][0]
+    arn = group["TargetGroupArn"]
+    elbv2.modify_target_group_attributes(
+        TargetGroupArn=arn,
+        Attributes=[{"Key": "deregistration_delay.timeout_seconds", "Value": str(int(timings.deregistration_delay))}],
+    )
+    lb = elbv2.create_load_balancer(
+        Name=plan.environment,
+        Type="application",
+        Scheme="internal",
+        Subnets=[ids["subnet_id"]],
+        SecurityGroups=[ids["app_security_group_id"]],
+        Tags=[{"Key": TAG_ENVIRONMENT, "Value": plan.environment}],
+    )["LoadBalancers"][0]
+    elbv2.create_listener(
+        LoadBalancerArn=lb["LoadBalancerArn"],
+        Protocol="HTTP",
+        Port=80,
+        DefaultActions=[{"Type": "forward", "TargetGroupArn": arn}],
+    )
+    elbv2.register_targets(TargetGroupArn=arn, Targets=[{"Id": instance_id} for instance_id in instance_ids])
+    return {"load_balancer_arn": lb["LoadBalancerArn"], "target_group_arn": arn}
