@@ -15,6 +15,7 @@ from botocore.exceptions import ClientError
 
 from deployer import aws, ssh
 from deployer.errors import AdapterError
+from deployer.sandbox import timings
 from tests.helpers import SandboxProcess, wait_for
 from tests.test_sandbox import deploy_demo
 
@@ -71,6 +72,21 @@ def _run(sandbox, name: str, **extra) -> dict:
         SubnetId=info["subnet_id"], SecurityGroupIds=[info["app_security_group_id"]], MinCount=1, MaxCount=1,
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": name}]}], **extra,
     )["Instances"][0]
+
+
+def test_each_entry_can_be_set_on_its_own_from_the_environment_or_the_command_line():
+    from_env = timings.from_environment({"SANDBOX_TIMING_NOT_FOUND": "100", "SANDBOX_TIMING_BOOT": "1", "OTHER": "x"})
+    from_cli = timings.parse_overrides(["boot=2", "elb_healthy_threshold=3"])
+
+    table = timings.profile("aws", overrides={**from_env, **from_cli})
+
+    assert (table.not_found, table.boot, table.elb_healthy_threshold, table.instance_pending) == (100, 2, 3, 30)
+    assert timings.profile("fast", draining_timeout=1).connection_draining == timings.profile("fast", draining_timeout=1).deregistration_delay == 1
+    assert timings.profile("fast") == timings.FAST and all(value == 0 for name, value in timings.FAST.items()[:6])
+    with pytest.raises(ValueError, match="no sandbox timing named 'not_fund'"):
+        timings.profile("aws", overrides={"not_fund": "1"})
+    with pytest.raises(ValueError, match="NAME=SECONDS"):
+        timings.parse_overrides(["not_found"])
 
 
 def test_it_seeds_the_classic_elb_with_aws_defaults(sandbox):
