@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,7 +191,10 @@ class Sandbox:
             repo_url = await loop.run_in_executor(None, repository.ensure, config.directory / "repo.git")
             environments = [Environment(self._plan(i, repo_url), balancers[i]) for i in range(len(config.environments))]
             if config.seed:
-                seeding = asyncio.gather(*(loop.run_in_executor(None, self._seed, account, e, stop) for e in environments))
+                # threads of their own: seeding waits for hosts to boot, and booting needs the
+                # loop's default executor (getaddrinfo), which six waiting seeds would fill
+                seeders = ThreadPoolExecutor(max_workers=len(environments), thread_name_prefix="seed")
+                seeding = asyncio.gather(*(loop.run_in_executor(seeders, self._seed, account, e, stop) for e in environments))
                 stopping = asyncio.create_task(stop.wait())
                 done, _ = await asyncio.wait({seeding, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
