@@ -71,6 +71,16 @@ def host_key_text(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
+def listening(host: str, port: int, *, timeout: float = 10) -> bool:
+    """Whether something accepts connections on the SSH port: a look that
+    says nothing to the server, made before its host key is pinned."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def connect(target: Target, *, timeout: float = 15) -> tuple[paramiko.SSHClient, str]:
     """An authenticated client and the host key the server presented."""
     client = paramiko.SSHClient()

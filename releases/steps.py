@@ -36,6 +36,7 @@ from .plan import LIMIT_DEFAULTS
 SSH_WORKERS = 8
 CHECK_WORKERS = 16
 IN_SERVICE_MARGIN = 120  # AWS seconds beyond interval x healthy threshold: registration takes a while to reach the checks
+CONSOLE_GRACE = 180  # AWS seconds to wait for the host key in the console once sshd answers
 DRAINING_MARGIN = 60  # AWS seconds beyond the draining timeout before giving up on a target still draining
 MAX_DRAINING = 3600  # AWS's own ceiling for connection draining and deregistration delay
 NEW = (Instance.Role.CANARY, Instance.Role.CLONE)
@@ -253,26 +254,38 @@ def target(ctx: Context, row: Instance) -> ssh.Target:
 
 
 def reachable(ctx: Context, row: Instance) -> None:
-    """SSH answers on the instance, with its host key pinned; else Wait."""
+    """SSH answers on the instance, with its host key pinned; else Wait.
+
+    The key is pinned from the console output (cloud-init prints it there)
+    before the first SSH contact. AWS posts the console a minute or so after
+    boot, often after sshd answers, so a listening port with no key in the
+    console yet waits for the console, up to CONSOLE_GRACE; only then is the
+    key the host presents at first contact trusted, and the log says so."""
     if not row.host_key:
-        # pin before the first contact when the console shows the key; else trust on first use
         keys = ctx.cloud.console_host_keys(row.instance_id)
         preferred = [k for k in keys if k.startswith("ssh-ed25519")] or keys
         if preferred:
             Instance.objects.filter(pk=row.pk).update(host_key=preferred[0])
             row.host_key = preferred[0]
             ctx.info(f"pinned {row.name}'s host key from its console output", host=row.name)
+    ssh_wait = Wait(f"ssh:{row.instance_id}", f"SSH on {row.name} at {row.address}:{ctx.env['ssh_port']}",
+                    timeout=ctx.limit("ssh_timeout"), poll=10 * ctx.scale)
+    if not ssh.listening(row.address, ctx.env["ssh_port"]):
+        raise ssh_wait
+    if not row.host_key and ctx.waited(f"console:{row.instance_id}") < CONSOLE_GRACE * ctx.scale:
+        raise Wait(f"console:{row.instance_id}", f"{row.name}'s host key in its console output",
+                   timeout=(CONSOLE_GRACE + 60) * ctx.scale, poll=10 * ctx.scale)
     try:
         result = ssh.run(target(ctx, row), "true", timeout=30)
     except AdapterError as exc:
         if "host key" in str(exc):
             raise
-        raise Wait(f"ssh:{row.instance_id}", f"SSH on {row.name} at {row.address}:{ctx.env['ssh_port']}",
-                   timeout=ctx.limit("ssh_timeout"), poll=10 * ctx.scale) from None
+        raise ssh_wait from None
     if not row.host_key:
         Instance.objects.filter(pk=row.pk).update(host_key=result.host_key)
         row.host_key = result.host_key
-        ctx.info(f"pinned host key {result.host_key.split()[0]} for {row.name}", host=row.name)
+        ctx.log.write(ctx.key, f"{row.name}'s console showed no host key within {CONSOLE_GRACE * ctx.scale:g}s; "
+                      f"trusting {result.host_key.split()[0]} from the first contact", host=row.name, stream="stderr")
 
 
 def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:

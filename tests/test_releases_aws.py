@@ -106,6 +106,7 @@ def test_a_bake_release_at_aws_timings_serves_every_request_and_lets_requests_in
     waited = {step for step, _ in waits}
     assert {"launch", "bake_image", "register_new", "deregister_old"} <= waited, waits
     assert any("not listed yet" in text for step, text in waits if step == "launch"), waits  # EC2's eventual consistency
+    assert LogLine.objects.filter(release=release, step="provision", text__contains="host key from its console output").exists()
     drain = next(text for step, text in waits if step == "deregister_old")
     assert ("to finish draining" in drain) if kind == "alb" else ("connection draining" in drain and "300s" in drain)
     steps = {s.key: s for s in release.steps.all()}
