@@ -414,6 +414,21 @@ class Cloud:
         return float(values.get("deregistration_delay.timeout_seconds", 300))
 
 
+def _imported(raw: dict) -> dict:
+    """An instance as an import shows it: what a new environment copies from it."""
+    return {
+        "id": raw["InstanceId"],
+        "state": raw["State"]["Name"],
+        "image_id": raw.get("ImageId", ""),
+        "instance_type": raw.get("InstanceType", ""),
+        "key_name": raw.get("KeyName", ""),
+        "subnet_id": raw.get("SubnetId", ""),
+        "security_groups": [g["GroupId"] for g in raw.get("SecurityGroups", [])],
+        "address": raw.get("PrivateIpAddress", ""),
+        "tags": {t["Key"]: t["Value"] for t in raw.get("Tags", [])},
+    }
+
+
 def describe_classic_load_balancer(account: Account, name: str) -> dict:
     """What an existing classic ELB tells about itself and its instances,
     for importing it as an environment."""
@@ -433,20 +448,7 @@ def describe_classic_load_balancer(account: Account, name: str) -> dict:
         "health_path": "/" + target.split("/", 1)[1] if "/" in target else "",
         "subnets": lb.get("Subnets", []),
         "security_groups": lb.get("SecurityGroups", []),
-        "instances": [
-            {
-                "id": i["InstanceId"],
-                "state": i["State"]["Name"],
-                "image_id": i.get("ImageId", ""),
-                "instance_type": i.get("InstanceType", ""),
-                "key_name": i.get("KeyName", ""),
-                "subnet_id": i.get("SubnetId", ""),
-                "security_groups": [g["GroupId"] for g in i.get("SecurityGroups", [])],
-                "address": i.get("PrivateIpAddress", ""),
-                "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
-            }
-            for i in raw
-        ],
+        "instances": [_imported(i) for i in raw],
     }
 
 
@@ -477,19 +479,5 @@ def describe_target_group(account: Account, arn: str) -> dict:
         "health_path": group.get("HealthCheckPath", ""),
         "subnets": [zone["SubnetId"] for zone in lb.get("AvailabilityZones", []) if zone.get("SubnetId")],
         "security_groups": lb.get("SecurityGroups", []),
-        "instances": [
-            {
-                "id": i["InstanceId"],
-                "state": i["State"]["Name"],
-                "health": states.get(i["InstanceId"], ""),
-                "image_id": i.get("ImageId", ""),
-                "instance_type": i.get("InstanceType", ""),
-                "key_name": i.get("KeyName", ""),
-                "subnet_id": i.get("SubnetId", ""),
-                "security_groups": [g["GroupId"] for g in i.get("SecurityGroups", [])],
-                "address": i.get("PrivateIpAddress", ""),
-                "tags": {t["Key"]: t["Value"] for t in i.get("Tags", [])},
-            }
-            for i in raw
-        ],
+        "instances": [{**_imported(i), "health": states.get(i["InstanceId"], "")} for i in raw],
     }

@@ -187,9 +187,16 @@ def environment_instances(environment: Environment, *, registered_only: bool = F
     return sorted(rows, key=lambda r: (len(r["name"]), r["name"]))
 
 
+def _account(region: str, aws_endpoint_url: str, aws_credentials: str) -> aws.Account:
+    return engine.account_for({"region": region, "aws_endpoint_url": aws_endpoint_url, "aws_credentials": aws_credentials})
+
+
 def describe_load_balancer(*, region: str, aws_endpoint_url: str, aws_credentials: str, load_balancer_name: str) -> dict:
-    account = engine.account_for({"region": region, "aws_endpoint_url": aws_endpoint_url, "aws_credentials": aws_credentials})
-    return aws.describe_classic_load_balancer(account, load_balancer_name)
+    return aws.describe_classic_load_balancer(_account(region, aws_endpoint_url, aws_credentials), load_balancer_name)
+
+
+def describe_target_group(*, region: str, aws_endpoint_url: str, aws_credentials: str, target_group_arn: str) -> dict:
+    return aws.describe_target_group(_account(region, aws_endpoint_url, aws_credentials), target_group_arn)
 
 
 def person_actions(release: Release, steps: list[Step]) -> set[str]:

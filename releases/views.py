@@ -122,7 +122,7 @@ def environment_import(request):
         where = {key: data[key] for key in ("region", "aws_endpoint_url", "aws_credentials")}
         try:
             if data["target_group_arn"]:
-                found = _describe_target_group(where, data["target_group_arn"])
+                found = selectors.describe_target_group(**where, target_group_arn=data["target_group_arn"])
             else:
                 found = selectors.describe_load_balancer(**where, load_balancer_name=data["load_balancer_name"])
         except AdapterError as exc:
@@ -144,15 +144,6 @@ def environment_import(request):
             }
             context.update(found=found, form=EnvironmentForm(initial=initial))
     return render(request, "releases/environment_import.html", context)
-
-
-def _describe_target_group(where: dict, arn: str) -> dict:
-    # selectors.describe_load_balancer reads classic ELBs only; this is its ELBv2 twin
-    from deployer import aws
-
-    from .engine import account_for
-
-    return aws.describe_target_group(account_for(where), arn)
 
 
 # -- the release wizard ------------------------------------------------------------------
