@@ -145,8 +145,13 @@ def test_a_command_reading_stdin_gets_end_of_file_at_once():
 
 @pytest.fixture(autouse=True)
 def every_shell_is_reaped():
+    before = _children()  # a test session also has its worker, web server and sandboxes as children
     yield
-    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _child_of_us(pid)]
+    assert not _children() - before
+
+
+def _children() -> set[str]:
+    return {pid for pid in os.listdir("/proc") if pid.isdigit() and _child_of_us(pid)}
 
 
 def _child_of_us(pid: str) -> bool:

@@ -42,7 +42,7 @@ class SlowLoop:
     """Requests that stay open for SLOW seconds, back to back, in threads: what
     each got, and when it started and ended."""
 
-    def __init__(self, url: str, threads: int = 3, max_requests: int = 200):
+    def __init__(self, url: str, threads: int = 6, max_requests: int = 200):
         self.url, self.max_requests = f"{url.rstrip('/')}/slow?seconds={SLOW}", max_requests
         self.results: list[tuple[float, float, int, str]] = []  # start, end, status, body
         self.stopping = threading.Event()
@@ -99,7 +99,9 @@ def test_a_bake_release_at_aws_timings_serves_every_request_and_lets_requests_in
     deregistered = AuditEvent.objects.filter(release=release, action__in=(
         "aws:DeregisterInstancesFromLoadBalancer", "aws:DeregisterTargets")).get().at.timestamp()
     in_flight = [r for r in slow.results if r[0] < deregistered < r[1] and any(i in r[3] for i in old)]
-    assert in_flight, "no slow request was in flight on an old instance at the deregistration"
+    around = [(round(r[0] - deregistered, 2), round(r[1] - deregistered, 2), r[2], r[3].strip()) for r in slow.results
+              if r[0] - 10 < deregistered < r[1] + 10]
+    assert in_flight, f"no slow request was in flight on an old instance ({sorted(old)}) at the deregistration: {around}"
 
     # it waited on AWS the way AWS makes one wait, holding no worker meanwhile
     waits = list(LogLine.objects.filter(release=release, text__startswith="waiting for ").values_list("step", "text"))
