@@ -52,6 +52,7 @@ class Watch:
         self.thread.join(5)
 
 
+@pytest.mark.timeout(600)  # six whole releases: about two minutes on a quiet machine
 def test_six_environments_release_at_once_and_a_wait_holds_no_worker(six, celery_worker):
     entries = six.info["environments"]
     assert [e["environment"] for e in entries] == NAMES
