@@ -21,7 +21,6 @@ def record(action: str, *, actor=None, source_ip: str | None = None, target: str
     signed_in = actor is not None and actor.is_authenticated
     environment = environment or (release.environment if release is not None else None)
     event = AuditEvent(
-        at=timezone.now(),
         action=action,
         actor=actor if signed_in else None,
         actor_name=actor.get_username() if signed_in else ENGINE,
@@ -34,7 +33,8 @@ def record(action: str, *, actor=None, source_ip: str | None = None, target: str
     )
     with transaction.atomic():
         head = _lock_head()
-        event.seq, event.prev_hash = head.seq + 1, head.hash
+        # the time is taken in turn too, so it never goes back along the chain
+        event.at, event.seq, event.prev_hash = timezone.now(), head.seq + 1, head.hash
         event.hash = chain.mac(event)
         event.save(force_insert=True)
         AuditChainHead.objects.filter(pk=HEAD).update(seq=event.seq, hash=event.hash)

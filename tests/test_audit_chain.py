@@ -1,6 +1,7 @@
 """The audit trail tried as someone with the database's password would: every
 change to a recorded event shows, and names the event."""
 
+import importlib
 import io
 import threading
 
@@ -232,3 +233,22 @@ def test_the_api_says_whether_the_chain_verifies(events):
 
     assert body["chain"] == {"verified": True, "events": 5, "summary": "Chain verified: 5 events", "broken_at": None, "problem": None}
     assert body["events"][0]["seq"] == 5 and body["events"][0]["hash"] == events[4].hash
+
+
+def test_events_written_before_the_chain_are_chained_by_the_migration_in_id_order():
+    from django.apps import apps
+
+    migration = importlib.import_module("releases.migrations.0005_audit_chain")
+    as_superuser(*[
+        (f"INSERT INTO {TABLE} (at, actor_name, source_ip, action, target, details, seq, prev_hash, hash) "
+         "VALUES (now(), 'dana', %s, %s, '', '{\"b\": 1, \"a\": [1.0, 2]}', %s, '', '')", ["::ffff:10.0.0.1", f"old.{n}", 1000 + n])
+        for n in (3, 1, 2)
+    ])
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {TABLE} DISABLE TRIGGER releases_auditevent_append_only")
+        migration.chain_existing(apps, None)
+        cursor.execute(f"ALTER TABLE {TABLE} ENABLE TRIGGER releases_auditevent_append_only")
+    audit.record("new.event")
+
+    assert list(AuditEvent.objects.order_by("seq").values_list("action", flat=True)) == ["old.3", "old.1", "old.2", "new.event"]
+    assert verify_audit()[1].startswith("Chain verified: 4 events")
