@@ -165,7 +165,7 @@ def test_the_database_refuses_to_change_or_delete_an_event(events, change):
     assert verify_audit()[0] == 0
 
 
-def test_deleting_an_environment_or_a_person_keeps_their_events_as_recorded(environment):  # noqa: F811
+def test_deleting_an_environment_or_a_person_keeps_their_events_as_recorded(environment, admin_client, admin_user):  # noqa: F811
     someone = person("someone", "deployer")
     event = audit.record("environment.update", actor=someone, environment=environment, target="prepan")
     ids = (environment.pk, someone.pk, "someone")
@@ -176,6 +176,9 @@ def test_deleting_an_environment_or_a_person_keeps_their_events_as_recorded(envi
     kept = AuditEvent.objects.get(pk=event.pk)
     assert (kept.environment_id, kept.actor_id, kept.actor_name) == ids
     assert verify_audit()[0] == 0
+    assert admin_client.get(f"/admin/releases/auditevent/{event.pk}/change/").status_code == 200
+    assert admin_client.get("/audit/").status_code == 200
+    assert api(admin_user).get("/api/audit/").json()["events"][0]["environment"] is None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -252,3 +255,10 @@ def test_events_written_before_the_chain_are_chained_by_the_migration_in_id_orde
 
     assert list(AuditEvent.objects.order_by("seq").values_list("action", flat=True)) == ["old.3", "old.1", "old.2", "new.event"]
     assert verify_audit()[1].startswith("Chain verified: 4 events")
+
+
+def test_the_admin_offers_no_way_to_delete_an_event(admin_client, events):
+    response = admin_client.post(f"/admin/releases/auditevent/{events[0].pk}/delete/", {"post": "yes"})
+
+    assert response.status_code == 403
+    assert AuditEvent.objects.filter(pk=events[0].pk).exists()
