@@ -3,7 +3,11 @@ change to a recorded event shows, and names the event."""
 
 import importlib
 import io
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from django.core.cache import cache
@@ -12,6 +16,7 @@ from django.db import DatabaseError, connection, connections, transaction
 
 from releases import audit, chain
 from releases.models import AuditEvent, Environment
+from tests.helpers import ROOT
 from tests.release_helpers import api, person
 from tests.test_api import environment  # noqa: F401  (fixture)
 
@@ -206,6 +211,32 @@ def test_two_threads_recording_at_once_make_one_chain():
     assert errors == []
     assert list(AuditEvent.objects.order_by("seq").values_list("seq", flat=True)) == list(range(1, 61))
     assert verify_audit() == (0, f"Chain verified: 60 events (last position 60, hash {AuditEvent.objects.get(seq=60).hash[:16]})\n")
+
+
+RECORD_AT = """
+import os, time
+from django.db import transaction
+from releases import audit
+time.sleep(max(0, float(os.environ["START_AT"]) - time.time()))
+for n in range(25):
+    with transaction.atomic():
+        audit.record("test.process", target=f"{os.getpid()} {n}")
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_processes_recording_at_once_make_one_chain(settings):
+    db = settings.DATABASES["default"]
+    env = {**os.environ, "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+           "SECRET_KEY": settings.SECRET_KEY, "START_AT": str(time.time() + 4)}
+    processes = [subprocess.Popen([sys.executable, "manage.py", "shell", "-v0", "-c", RECORD_AT], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+
+    outputs = [process.communicate(timeout=60)[0].decode() for process in processes]
+
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert AuditEvent.objects.count() == 50
+    assert verify_audit()[1].startswith("Chain verified: 50 events")
 
 
 def test_the_audit_page_says_the_chain_verifies_and_where_it_broke(client, events):
