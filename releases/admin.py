@@ -55,3 +55,6 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # append-only: the database refuses it too (PostgreSQL), and the chain shows it

@@ -156,6 +156,7 @@ def audit_list(request):
     return Response({
         "events": [selectors.audit_dict(e) for e in page[:AUDIT_PAGE]],
         "next_offset": offset + AUDIT_PAGE if len(page) > AUDIT_PAGE else None,
+        "chain": selectors.audit_chain_dict(),
     })
 
 

@@ -253,15 +253,37 @@ class LogLine(models.Model):
 
 
 class AuditEvent(models.Model):
-    at = models.DateTimeField(auto_now_add=True, db_index=True)
-    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    """One thing someone (or the engine) did. Append-only and chained: `hash` is an
+    HMAC over the event's content, its position `seq` and the previous event's hash
+    (releases/chain.py). The links to the actor, environment and release are plain
+    ids with no database constraint and no cascade: the row says what they were
+    when it was written, and deleting a user, environment or release never
+    rewrites history (on PostgreSQL a trigger refuses UPDATE and DELETE)."""
+
+    at = models.DateTimeField(db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.DO_NOTHING,
+                              db_constraint=False, related_name="+")
     actor_name = models.CharField(max_length=150, help_text="kept when the user is deleted; 'greenlight' for the engine")
     source_ip = models.GenericIPAddressField(null=True, blank=True)
     action = models.CharField(max_length=64, db_index=True)
     target = models.CharField(max_length=300, blank=True)
-    environment = models.ForeignKey(Environment, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    release = models.ForeignKey(Release, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit_events")
+    environment = models.ForeignKey(Environment, null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False,
+                                    related_name="+")
+    release = models.ForeignKey(Release, null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False,
+                                related_name="audit_events")
     details = models.JSONField(default=dict, blank=True)
+    seq = models.PositiveBigIntegerField(unique=True, help_text="position in the chain, from 1, no gaps")
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64)
 
     class Meta:
         ordering = ["-at", "-id"]
+
+
+class AuditChainHead(models.Model):
+    """The chain's last link (one row, id 1). Appending locks it, so two processes
+    recording at once take turns instead of forking the chain; verifying compares
+    the chain's end with it, so deleting the newest events shows."""
+
+    seq = models.PositiveBigIntegerField(default=0)
+    hash = models.CharField(max_length=64, default="0" * 64)

@@ -8,7 +8,7 @@ from django.db.models import Prefetch, QuerySet
 
 from deployer import aws
 
-from . import engine, plan, transitions
+from . import audit, engine, plan, transitions
 from .logs import line_dict
 from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, StatusChange, Step
 
@@ -123,7 +123,19 @@ def audit_dict(event: AuditEvent) -> dict:
         "id": event.pk, "at": _time(event.at), "actor": event.actor_name, "source_ip": event.source_ip,
         "action": event.action, "target": event.target, "environment": event.environment.name if event.environment else None,
         "release": event.release_id, "details": event.details,
+        "seq": event.seq, "prev_hash": event.prev_hash, "hash": event.hash,
     }
+
+
+def audit_chain():
+    """Whether the audit chain verifies, as the audit page says it (releases/audit.py)."""
+    return audit.chain_status()
+
+
+def audit_chain_dict() -> dict:
+    verdict = audit_chain()
+    return {"verified": verdict.ok, "events": verdict.events, "summary": str(verdict),
+            "broken_at": verdict.event_id, "problem": verdict.problem or None}
 
 
 # -- pages -----------------------------------------------------------------------

@@ -335,4 +335,5 @@ def audit_page(request):
     page = Paginator(events, 50).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
-    return render(request, "releases/audit.html", {"form": form, "page": page, "query": query.urlencode()})
+    return render(request, "releases/audit.html", {"form": form, "page": page, "query": query.urlencode(),
+                                                   "chain": selectors.audit_chain()})

@@ -39,7 +39,9 @@ def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
          "-n", f"release-tests-{os.getpid()}@%h", "--loglevel", "info",
          "--schedule", str(log.parent / "beat-schedule")],
         cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": url, "SWEEP_SECONDS": "1", "GREENLIGHT_VAR_DIR": str(log.parent)},
+        # the same key as the tests: every process that records appends to one audit chain
+        env={**os.environ, "DATABASE_URL": url, "SWEEP_SECONDS": "1", "GREENLIGHT_VAR_DIR": str(log.parent),
+             "SECRET_KEY": settings.SECRET_KEY},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -62,7 +64,7 @@ def web_server(celery_worker, tmp_path_factory):
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "deployer.asgi:application"],
         cwd=ROOT,
         env={**os.environ, "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-             "GREENLIGHT_VAR_DIR": str(log.parent)},
+             "GREENLIGHT_VAR_DIR": str(log.parent), "SECRET_KEY": settings.SECRET_KEY},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )

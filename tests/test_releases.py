@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from deployer import aws
-from releases import services
+from releases import audit, services
 from releases.models import AuditEvent, Environment, LogLine, Release
 from tests.release_helpers import LoadLoop, api, person, revisions_behind, wait_gate, wait_status
 
@@ -96,6 +96,7 @@ def test_a_bake_release_and_then_a_release_from_its_image(prepan, dana, ravi):
     approvals = AuditEvent.objects.filter(release=release, action="gate.approve")
     assert [a.actor_name for a in approvals] == ["ravi", "ravi"]
     assert all(e.details["request_id"] for e in AuditEvent.objects.filter(release=release, action__startswith="aws:"))
+    assert audit.verify().ok, audit.verify()  # the worker and the web process appended to one chain
     seqs = list(LogLine.objects.filter(release=release).values_list("seq", flat=True))
     assert seqs == list(range(1, len(seqs) + 1))
 
