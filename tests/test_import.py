@@ -100,7 +100,8 @@ def test_it_reads_a_target_group_fills_in_what_aws_knows_and_saves_it(client, al
 
     recipe = Recipe.objects.create(name="demo", definition=info["recipe"])
     form = {
-        **lookup, "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox", "load_balancer_name": "", "name": "prepan", "public_url": info["load_balancer_url"],
+        **lookup, "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox", "load_balancer_name": "",
+        "name": "prepan", "public_url": info["load_balancer_url"],
         "verify_security_group_id": info["verify_security_group_id"], "verify_cidr": "127.0.0.1/32",
         "security_group_ids": json.dumps([info["app_security_group_id"]]), "app_port": "8080", "health_path": "/health",
         "expected_text": "{revision}", "ssh_user": "ec2-user", "ssh_port": str(info["ssh_port"]), "ssh_key_file": info["ssh_key_file"],
