@@ -77,10 +77,14 @@ def client(account: Account, service: str):
 
 
 def _error(exc: Exception, doing: str) -> AdapterError:
+    """A short message: AWS's error code and message, never a response body
+    (what answered may not be AWS, and its page is not for people to read)."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
-        return AdapterError(f"{doing}: {error.get('Code', 'error')}: {error.get('Message', '')}".rstrip(": "))
-    return AdapterError(f"{doing}: {exc}")
+        return AdapterError(f"{doing}: {error.get('Code', 'error')}: {str(error.get('Message', ''))[:300]}".rstrip(": "))
+    if isinstance(exc, ResponseParserError):
+        return AdapterError(f"{doing}: the endpoint did not answer like AWS")
+    return AdapterError(f"{doing}: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}")
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,12 @@ never waits on pipes that an escaped process still holds open.
 from __future__ import annotations
 
 import os
+import pwd
 import selectors
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -26,6 +29,29 @@ from .ssh import LineCallback, _LineSplitter
 POLL_SECONDS = 0.2  # how often a quiet command's deadline and cancel are checked
 GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL, to let tools clean up
 KILL_WAIT_SECONDS = 5.0  # for the kernel to take SIGKILLed processes away
+
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def scratch_environment(scratch: str) -> dict[str, str]:
+    """All a recipe's local command gets of the worker's environment: no
+    SECRET_KEY, no database, Redis or Celery URL, no AWS credentials."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    return {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "HOME": scratch, "LANG": os.environ.get("LANG") or "C.UTF-8",
+            "USER": user, "LOGNAME": user}
+
+
+def run_in_scratch(command: str, **options) -> int:
+    """`run` a recipe's command in a fresh directory outside the project
+    (removed after), with `scratch_environment`: a recipe is data a person
+    typed, and the worker's directory holds var/secret_key and its
+    environment every other secret."""
+    scratch = tempfile.mkdtemp(prefix="greenlight-task-")
+    try:
+        return run(command, cwd=scratch, env=scratch_environment(scratch), **options)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run(

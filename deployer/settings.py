@@ -160,6 +160,10 @@ STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(VAR_DIR / "static")))
 # after `collectstatic` in a container.
 WHITENOISE_USE_FINDERS = True
 
+# Repositories at file:// URLs read the server's own disk: only the sandbox
+# (`make demo`, the tests) needs them. Off by default.
+ALLOW_FILE_REPOSITORIES = env.bool("ALLOW_FILE_REPOSITORIES", default=False)
+
 # The sandbox writes its endpoints here (`manage.py sandbox`).
 SANDBOX_FILE = VAR_DIR / "sandbox.json"
 

@@ -8,8 +8,9 @@ class AuditedAdmin(admin.ModelAdmin):
     """Changes made in the admin are audit events like any other."""
 
     def save_model(self, request, obj, form, change):
+        before = services.configuration_values(type(obj).objects.get(pk=obj.pk)) if change else {}
         super().save_model(request, obj, form, change)
-        services.configuration_audit(obj, created=not change, changed=form.changed_data, actor=request.user,
+        services.configuration_audit(obj, created=not change, before=before, actor=request.user,
                                      source_ip=request.META.get("REMOTE_ADDR"))
 
     def delete_model(self, request, obj):

@@ -2,7 +2,7 @@ import json
 
 from django import forms
 
-from . import plan
+from . import permissions, plan
 from .models import Environment, Recipe
 
 
@@ -47,11 +47,44 @@ class RecipeForm(forms.ModelForm):
 
 
 class EnvironmentForm(forms.ModelForm):
+    """For a maintainer, every field; for a deployer, the harmless ones
+    (permissions.ENVIRONMENT_DEPLOYER_FIELDS), the rest shown disabled. A
+    request that sends a locked field with another value (a checkbox left
+    unticked included) is refused with an error on that field, never
+    saved and never silently dropped."""
+
     class Meta:
         model = Environment
         # time_scale says how fast the cloud's clock runs; only an administrator sets it (in the admin)
         exclude = ["last_baked_ami", "time_scale"]
         widgets = {"security_group_ids": forms.TextInput()}
+
+    def __init__(self, *args, user=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        maintainer = user is not None and permissions.can_maintain(user)
+        self.locked = [] if maintainer else [n for n in self.fields if n not in permissions.ENVIRONMENT_DEPLOYER_FIELDS]
+        for name in self.locked:
+            self.fields[name].disabled = True
+
+    def clean(self):
+        data = super().clean()
+        if not self.locked:
+            return data
+        if self.instance.pk is None:
+            raise forms.ValidationError("Adding an environment needs the maintainer role.")
+        # a browser never sends a disabled field: whoever sends one sends the whole form
+        if any(self.add_prefix(name) in self.data for name in self.locked):
+            for name in self.locked:
+                field = self.fields[name]
+                sent = field.widget.value_from_datadict(self.data, self.files, self.add_prefix(name))
+                field.disabled = False  # a disabled field never reports a change
+                try:
+                    changed = field.has_changed(self.get_initial_for_field(field, name), sent)
+                finally:
+                    field.disabled = True
+                if changed:
+                    self.add_error(name, f"Only a maintainer may change {field.label.lower()}.")
+        return data
 
 
 class AuditFilterForm(forms.Form):
@@ -63,17 +96,42 @@ class AuditFilterForm(forms.Form):
     release = forms.IntegerField(required=False, min_value=1)
 
 
+AWS_ITSELF = "aws"
+
+
 class ImportLookupForm(forms.Form):
-    region = forms.CharField(max_length=32, initial="us-west-1")
-    aws_endpoint_url = forms.URLField(required=False, label="AWS endpoint URL", help_text="empty for AWS itself")
-    aws_credentials = forms.CharField(required=False, max_length=200, label="Credentials reference",
-                                      help_text='"", "profile:NAME", "env:PREFIX" or "sandbox"')
+    """Where to look comes only from what a maintainer already configured:
+    AWS itself with the workers' default credentials, or an existing
+    environment's endpoint and credentials. Never an endpoint or a
+    credentials reference from the request, which would make the server
+    send signed requests wherever a person points it."""
+
+    account = forms.ChoiceField(label="AWS account", help_text="AWS itself, or the endpoint and credentials of an environment")
+    region = forms.RegexField(regex=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$", max_length=32, initial="us-west-1",
+                              help_text="for AWS itself and environments on AWS; an environment with its own endpoint keeps its region",
+                              error_messages={"invalid": "An AWS region, such as us-west-1."})
     load_balancer_name = forms.CharField(required=False, max_length=200, label="Classic load balancer name")
     target_group_arn = forms.CharField(required=False, max_length=400, label="or ELBv2 target group ARN",
                                        help_text="for an application load balancer: arn:aws:elasticloadbalancing:...:targetgroup/...")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["account"].choices = [(AWS_ITSELF, "AWS itself (the workers' default credentials)")] + [
+            (f"environment:{e.name}", f"as {e.name} ({e.aws_endpoint_url or 'AWS'}, {e.aws_credentials or 'default credentials'})")
+            for e in Environment.objects.order_by("name")
+        ]
 
     def clean(self):
         data = super().clean()
         if bool(data.get("load_balancer_name")) == bool(data.get("target_group_arn")):
             raise forms.ValidationError("Name a classic load balancer or a target group ARN (one of the two).")
         return data
+
+    def where(self) -> dict:
+        """region, aws_endpoint_url and aws_credentials of the chosen account (after is_valid)."""
+        data = self.cleaned_data
+        if data["account"] == AWS_ITSELF:
+            return {"region": data["region"], "aws_endpoint_url": "", "aws_credentials": ""}
+        environment = Environment.objects.get(name=data["account"].split(":", 1)[1])
+        return {"region": environment.region if environment.aws_endpoint_url else data["region"],
+                "aws_endpoint_url": environment.aws_endpoint_url, "aws_credentials": environment.aws_credentials}

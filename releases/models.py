@@ -11,7 +11,9 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
+from deployer import git
 from deployer import recipe as recipes
+from deployer.errors import AdapterError
 
 
 class Recipe(models.Model):
@@ -31,6 +33,35 @@ class Recipe(models.Model):
 
     def __str__(self):
         return self.name
+
+
+class RecipeChange(models.Model):
+    """A recipe definition a maintainer proposed for a recipe that an
+    environment with four eyes uses: it takes effect only when someone else
+    approves it, like a gate."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"  # applied to the recipe
+        REJECTED = "rejected"
+
+    recipe = models.ForeignKey(Recipe, on_delete=models.CASCADE, related_name="changes")
+    definition = models.JSONField()
+    proposed_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+
+def validate_repository(value: str) -> None:
+    try:
+        git.check_repository(value, allow_file=settings.ALLOW_FILE_REPOSITORIES)
+    except AdapterError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 class Environment(models.Model):
@@ -67,7 +98,9 @@ class Environment(models.Model):
     last_baked_ami = models.CharField(max_length=64, blank=True)
     name_prefix = models.CharField(max_length=64, default="app-")
     desired_count = models.PositiveIntegerField(default=2)
-    repository = models.CharField(max_length=400)
+    repository = models.CharField(
+        max_length=400, validators=[validate_repository],
+        help_text="https://..., ssh://... or git@host:path (file:// only where ALLOW_FILE_REPOSITORIES is set)")
     recipe = models.ForeignKey(Recipe, on_delete=models.PROTECT)
     four_eyes = models.BooleanField(default=True, help_text="whoever starts a release cannot decide its gates")
     gate_timeout = models.PositiveIntegerField(default=3600, help_text="seconds before an open gate rejects itself")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -16,8 +18,8 @@ from deployer import git
 from deployer.errors import AdapterError
 
 
-from . import audit, permissions, plan, tasks, transitions
-from .models import Approval, Environment, Recipe, Release, Step
+from . import audit, logs, permissions, plan, tasks, transitions
+from .models import Approval, Environment, Recipe, RecipeChange, Release, Step
 
 R, S = Release.Status, Step.Status
 
@@ -63,7 +65,7 @@ def revision_check(*, environment: Environment, revision: str) -> str:
     """A valid name the repository has (when the repository can be asked)."""
     revision = validate_revision(revision)
     try:
-        if git.resolve(environment.repository, revision) is None:
+        if git.resolve(environment.repository, revision, allow_file=settings.ALLOW_FILE_REPOSITORIES) is None:
             raise BadInput(f"{environment.repository} has no branch or tag {revision!r}", field="revision")
     except AdapterError:
         pass  # out of reach from the web server; the deploy step will say so
@@ -236,6 +238,10 @@ def release_rollback(*, release: Release, actor, source_ip: str | None = None) -
 def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None = None) -> Environment:
     """The sandbox's seeded environment, stored through the models. `info` is
     var/sandbox.json (its first environment) or one of its `environments`."""
+    try:
+        git.check_repository(info["repository"], allow_file=settings.ALLOW_FILE_REPOSITORIES)
+    except AdapterError as exc:
+        raise BadInput(f"{exc} (the sandbox's own repository needs ALLOW_FILE_REPOSITORIES=true)", field="repository") from None
     recipe, _ = Recipe.objects.update_or_create(name=f"{info['environment']}-demo", defaults={"definition": info["recipe"]})
     # an environment names exactly one of the two: behind an ALB, its target group
     alb = info.get("load_balancer_kind", "classic") == "alb"
@@ -274,19 +280,146 @@ def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None 
     return environment
 
 
-def configuration_audit(obj, *, created: bool, changed: list[str], actor, source_ip: str | None = None) -> None:
-    """An environment or recipe was created or changed (here or in the admin)."""
-    audit.record(f"{obj._meta.model_name}.{'create' if created else 'update'}", actor=actor, source_ip=source_ip,
-                 environment=obj if isinstance(obj, Environment) else None, target=str(obj), changed=sorted(changed))
+def configuration_values(obj) -> dict:
+    """An environment's or a recipe's fields as plain values (a related row by its name), for a diff."""
+    values = {}
+    for field in obj._meta.concrete_fields:
+        if field.primary_key or field.name == "updated_at":
+            continue
+        values[field.name] = str(getattr(obj, field.name)) if field.is_relation else field.value_from_object(obj)
+    return values
+
+
+def _flat(value, path: str) -> dict:
+    """A JSON value as {path: leaf}, so a recipe's diff names the command that changed, not the whole definition."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{path}.{key}").items()}
+    return {path: value}
+
+
+def _scrub(value):
+    # credentials are references, not keys, but a value typed by a person may still hold one
+    if isinstance(value, str):
+        return logs.Redactor()(value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    return value
+
+
+def configuration_diff(before: dict, after: dict) -> dict:
+    """{field: [old, new]} for what differs; JSON fields by path (definition.tasks.deploy:update.commands)."""
+    old, new = {}, {}
+    for name in {*before, *after}:
+        a, b = before.get(name), after.get(name)
+        if isinstance(a, dict) or isinstance(b, dict):
+            old.update(_flat(a if a is not None else {}, name))
+            new.update(_flat(b if b is not None else {}, name))
+        else:
+            old[name], new[name] = a, b
+    return {key: [_scrub(old.get(key)), _scrub(new.get(key))] for key in sorted({*old, *new}) if old.get(key) != new.get(key)}
+
+
+def configuration_audit(obj, *, created: bool, before: dict, actor, source_ip: str | None = None, action: str = "", **details) -> None:
+    """An environment or recipe was created or changed (here or in the admin), with what changed: old -> new."""
+    after = configuration_values(obj)
+    audit.record(action or f"{obj._meta.model_name}.{'create' if created else 'update'}", actor=actor, source_ip=source_ip,
+                 environment=obj if isinstance(obj, Environment) else None, target=str(obj),
+                 changed=sorted(k for k in after if after[k] != before.get(k)), diff=configuration_diff(before, after), **details)
+
+
+def _refuse_configuration(model, *, created: bool, changed: list[str], actor) -> None:
+    """Defence in depth behind the forms: what runs on the workers, where, and who decides, is a maintainer's."""
+    if permissions.can_maintain(actor):
+        return
+    if model is Recipe:
+        raise NotAllowed("changing recipes needs the maintainer role: a recipe's commands run on the workers")
+    if not permissions.can_deploy(actor):
+        raise NotAllowed("changing an environment needs the deployer or maintainer role")
+    if created:
+        raise NotAllowed("adding an environment needs the maintainer role")
+    refused = sorted(set(changed) - permissions.ENVIRONMENT_DEPLOYER_FIELDS)
+    if refused:
+        raise NotAllowed(f"only a maintainer may change {', '.join(refused)}", fields=refused)
+
+
+def recipe_needs_second_person(recipe: Recipe) -> bool:
+    """A recipe that an environment with four eyes runs changes only when someone else approves."""
+    return recipe.pk is not None and Environment.objects.filter(recipe=recipe, four_eyes=True).exists()
 
 
 @transaction.atomic
 def configuration_save(*, form, actor, source_ip: str | None = None):
-    """Save an environment or a recipe from its (validated) form."""
-    kind = form._meta.model._meta.verbose_name
-    if not permissions.can_deploy(actor):
-        raise NotAllowed(f"changing {kind}s needs the deployer role")
+    """Save an environment or a recipe from its (validated) form.
+
+    A recipe that an environment with four eyes uses is not changed: its new
+    definition is stored as a pending RecipeChange, returned instead, for
+    someone else to approve."""
+    model = form._meta.model
     created = form.instance.pk is None
+    before = {} if created else configuration_values(model.objects.select_for_update().get(pk=form.instance.pk))
+    after = configuration_values(form.instance)  # the form applied its data to the instance when it validated
+    _refuse_configuration(model, created=created, changed=[k for k in after if after[k] != before.get(k)], actor=actor)
+    if model is Recipe and not created and after["definition"] != before["definition"] and recipe_needs_second_person(form.instance):
+        return _recipe_change_propose(recipe=form.instance, before=before, actor=actor, source_ip=source_ip)
     saved = form.save()
-    configuration_audit(saved, created=created, changed=form.changed_data, actor=actor, source_ip=source_ip)
+    configuration_audit(saved, created=created, before=before, actor=actor, source_ip=source_ip)
     return saved
+
+
+def _recipe_change_propose(*, recipe: Recipe, before: dict, actor, source_ip: str | None) -> RecipeChange:
+    if recipe.changes.filter(status=RecipeChange.Status.PENDING).exists():
+        raise Conflict(f"a change to {before['name']} already waits for approval: approve or reject it first")
+    definition = recipe.definition
+    if recipe.name != before["name"]:  # a new name changes nothing that runs: it applies now
+        recipe.definition = before["definition"]
+        recipe.save()
+        configuration_audit(recipe, created=False, before=before, actor=actor, source_ip=source_ip)
+        before = configuration_values(recipe)
+    change = RecipeChange.objects.create(recipe=recipe, definition=definition, proposed_by=actor)
+    audit.record("recipe.propose", actor=actor, source_ip=source_ip, target=str(recipe), change=change.pk,
+                 diff=configuration_diff({"definition": before["definition"]}, {"definition": definition}))
+    return change
+
+
+def _pending(change: RecipeChange) -> None:
+    if change.status != RecipeChange.Status.PENDING:
+        raise Conflict(f"that change to {change.recipe.name} was {change.status} already", status=change.status)
+
+
+@transaction.atomic
+def recipe_change_approve(*, change: RecipeChange, actor, source_ip: str | None = None) -> Recipe:
+    if not permissions.can_maintain(actor):
+        raise NotAllowed("approving a recipe change needs the maintainer role")
+    _pending(change)
+    if change.proposed_by_id == actor.pk:
+        raise NotAllowed(f"four eyes: {actor.get_username()} proposed this change, so someone else approves it")
+    if not RecipeChange.objects.filter(pk=change.pk, status=RecipeChange.Status.PENDING).update(
+            status=RecipeChange.Status.APPROVED, decided_by=actor, decided_at=timezone.now()):
+        raise Conflict(f"the change to {change.recipe.name} was decided a moment ago")
+    recipe = Recipe.objects.select_for_update().get(pk=change.recipe_id)
+    before = configuration_values(recipe)
+    recipe.definition = change.definition
+    try:
+        recipe.save()  # validated again: the recipe format may have moved on since
+    except ValidationError as exc:
+        raise BadInput(f"the proposed definition is no longer valid: {'; '.join(exc.messages)}") from None
+    configuration_audit(recipe, created=False, before=before, actor=actor, source_ip=source_ip, change=change.pk,
+                        proposed_by=change.proposed_by.get_username(), approved_by=actor.get_username())
+    return recipe
+
+
+@transaction.atomic
+def recipe_change_reject(*, change: RecipeChange, actor, source_ip: str | None = None) -> RecipeChange:
+    """Any maintainer may reject, the proposer too (a withdrawal): nothing changes."""
+    if not permissions.can_maintain(actor):
+        raise NotAllowed("rejecting a recipe change needs the maintainer role")
+    _pending(change)
+    if not RecipeChange.objects.filter(pk=change.pk, status=RecipeChange.Status.PENDING).update(
+            status=RecipeChange.Status.REJECTED, decided_by=actor, decided_at=timezone.now()):
+        raise Conflict(f"the change to {change.recipe.name} was decided a moment ago")
+    audit.record("recipe.reject_change", actor=actor, source_ip=source_ip, target=str(change.recipe), change=change.pk,
+                 proposed_by=change.proposed_by.get_username())
+    change.refresh_from_db()
+    return change

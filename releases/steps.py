@@ -334,7 +334,7 @@ def run_command(ctx: Context, row: Instance, command: recipe.Command, timeout: f
 
     try:
         if command.run == "local":
-            status = local.run(command.text, timeout=timeout, on_line=on_line, cancelled=ctx.cancelled)
+            status = local.run_in_scratch(command.text, timeout=timeout, on_line=on_line, cancelled=ctx.cancelled)
         else:
             status = ssh.run(target(ctx, row), command.text, timeout=timeout, on_line=on_line, cancelled=ctx.cancelled).exit_status
     except CommandCancelled:

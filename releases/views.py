@@ -24,7 +24,7 @@ from deployer.errors import AdapterError
 from . import permissions, plan, selectors, services
 from .forms import (AuditFilterForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, ImportLookupForm, OptionsForm, RecipeForm,
                     RevisionForm)
-from .models import Environment, Recipe, Release
+from .models import Environment, Recipe, RecipeChange, Release
 
 WIZARD = "release_wizard"
 WIZARD_STEPS = ("environment", "revision", "options", "review")
@@ -44,8 +44,10 @@ def needs(check, what: str):
     return decorator
 
 
-viewer = needs(permissions.can_view, "the viewer, deployer or approver role")
+viewer = needs(permissions.can_view, "the viewer, deployer, approver or maintainer role")
 deployer = needs(permissions.can_deploy, "the deployer role")
+maintainer = needs(permissions.can_maintain, "the maintainer role")
+configurer = needs(permissions.can_configure, "the deployer or maintainer role")
 
 
 def client_ip(request) -> str | None:
@@ -73,7 +75,7 @@ def dashboard(request):
 @viewer
 def environment_list(request):
     environments = Environment.objects.select_related("recipe").order_by("name")
-    return render(request, "releases/environments.html", {"environments": environments, "can_deploy": permissions.can_deploy(request.user)})
+    return render(request, "releases/environments.html", {"environments": environments, "can_maintain": permissions.can_maintain(request.user)})
 
 
 @viewer
@@ -85,32 +87,74 @@ def environment_detail(request, name: str):
         instances, error = [], str(exc)
     return render(request, "releases/environment.html", {
         "environment": environment, "instances": instances, "aws_error": error,
-        "can_deploy": permissions.can_deploy(request.user),
+        "can_deploy": permissions.can_deploy(request.user), "can_configure": permissions.can_configure(request.user),
     })
 
 
-def _edit(request, model, form_class, name: str | None, title: str, done):
-    """Add or edit an environment or a recipe through its form."""
+def _edit(request, model, form_class, name: str | None, title: str, done, extra: dict | None = None, **form_options):
+    """Add or edit an environment or a recipe through its form; a service's
+    refusal is shown as the form's error."""
     instance = get_object_or_404(model, name=name) if name else None
-    form = form_class(request.POST or None, instance=instance)
+    form = form_class(request.POST or None, instance=instance, **form_options)
     if request.method == "POST" and form.is_valid():
-        saved = services.configuration_save(form=form, actor=request.user, source_ip=client_ip(request))
-        messages.success(request, f"Saved {saved.name}.")
-        return done(saved)
-    return render(request, "releases/form.html", {"form": form, "title": f"Edit {name}" if name else title})
+        try:
+            saved = services.configuration_save(form=form, actor=request.user, source_ip=client_ip(request))
+        except services.ServiceError as exc:
+            form.add_error(None, str(exc))
+        else:
+            if isinstance(saved, RecipeChange):
+                messages.success(request, f"Proposed a change to {saved.recipe.name}: it takes effect when another maintainer approves it.")
+                return redirect("recipe_edit", name=saved.recipe.name)
+            messages.success(request, f"Saved {saved.name}.")
+            return done(saved)
+    return render(request, "releases/form.html", {"form": form, "title": f"Edit {name}" if name else title, **(extra or {})})
 
 
-@deployer
-def environment_edit(request, name: str | None = None):
-    return _edit(request, Environment, EnvironmentForm, name, "Add environment", lambda saved: redirect("environment", name=saved.name))
+@maintainer
+def environment_new(request):
+    return _environment_form(request, None)
 
 
-@deployer
+@configurer
+def environment_edit(request, name: str):
+    return _environment_form(request, name)
+
+
+def _environment_form(request, name: str | None):
+    locked = not permissions.can_maintain(request.user)
+    return _edit(request, Environment, EnvironmentForm, name, "Add environment", lambda saved: redirect("environment", name=saved.name),
+                 extra={"locked_note": locked}, user=request.user)
+
+
+@maintainer
 def recipe_edit(request, name: str | None = None):
-    return _edit(request, Recipe, RecipeForm, name, "Add recipe", lambda saved: redirect("environments"))
+    changes = []
+    if name:
+        changes = list(RecipeChange.objects.filter(recipe__name=name, status=RecipeChange.Status.PENDING).select_related("proposed_by"))
+        for change in changes:
+            change.diff = services.configuration_diff({"definition": change.recipe.definition}, {"definition": change.definition})
+            change.may_approve = change.proposed_by_id != request.user.pk
+    return _edit(request, Recipe, RecipeForm, name, "Add recipe", lambda saved: redirect("environments"),
+                 extra={"changes": changes})
 
 
-@deployer
+@maintainer
+@require_POST
+def recipe_change_decide(request, name: str, change_id: int, decision: str):
+    change = get_object_or_404(RecipeChange.objects.select_related("recipe", "proposed_by"), pk=change_id, recipe__name=name)
+    decide = {"approve": services.recipe_change_approve, "reject": services.recipe_change_reject}.get(decision)
+    if decide is None:
+        raise Http404("approve or reject")
+    try:
+        decide(change=change, actor=request.user, source_ip=client_ip(request))
+    except services.ServiceError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"{'Applied' if decision == 'approve' else 'Rejected'} the change to {name}.")
+    return redirect("recipe_edit", name=name)
+
+
+@maintainer
 def environment_import(request):
     """Pick a region and a classic load balancer or a target group, see its
     instances and tags, then save it as an environment with what AWS already
@@ -119,7 +163,7 @@ def environment_import(request):
     context = {"lookup": lookup}
     if request.GET and lookup.is_valid():
         data = lookup.cleaned_data
-        where = {key: data[key] for key in ("region", "aws_endpoint_url", "aws_credentials")}
+        where = lookup.where()
         try:
             if data["target_group_arn"]:
                 found = selectors.describe_target_group(**where, target_group_arn=data["target_group_arn"])
@@ -130,7 +174,9 @@ def environment_import(request):
         else:
             first = found["instances"][0] if found["instances"] else {}
             initial = {
-                **data,
+                **where,
+                "load_balancer_name": data["load_balancer_name"],
+                "target_group_arn": data["target_group_arn"],
                 "name": data["load_balancer_name"] or found.get("load_balancer_name") or found["name"],
                 "public_url": f"http://{found['dns_name']}/" if found["dns_name"] else "",
                 "app_port": found["instance_port"] or 80,
@@ -142,7 +188,7 @@ def environment_import(request):
                 "instance_type": first.get("instance_type", "t3.micro"),
                 "desired_count": len(found["instances"]) or 2,
             }
-            context.update(found=found, form=EnvironmentForm(initial=initial))
+            context.update(found=found, form=EnvironmentForm(initial=initial, user=request.user))
     return render(request, "releases/environment_import.html", context)
 
 

@@ -7,6 +7,12 @@ from django.conf import settings
 
 from tests.helpers import ROOT, SandboxProcess, wait_for
 
+# The sandbox's repository is a file:// URL: allowed here, as `make demo` does,
+# for this process (settings are loaded already) and the workers, web servers
+# and sandboxes the tests start. Tests of the refusal turn it off.
+os.environ["ALLOW_FILE_REPOSITORIES"] = "true"
+settings.ALLOW_FILE_REPOSITORIES = True
+
 
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory):

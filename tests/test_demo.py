@@ -27,6 +27,7 @@ def test_the_demo_serves_a_login_and_the_seeded_environment_then_stops_cleanly(t
         "SANDBOX_LB_PORT": "0",
         "SANDBOX_NETWORK": "127.99.0.0/16",
     }
+    env.pop("ALLOW_FILE_REPOSITORIES", None)  # the demo allows its sandbox's file:// repository itself
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)
     log = (tmp_path / "demo.log").open("wb")
     demo = subprocess.Popen([sys.executable, "manage.py", "demo", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -14,11 +14,21 @@ pytestmark = [pytest.mark.sandbox, pytest.mark.django_db]
 WAITS = {"instance_timeout": "600", "ssh_timeout": "600", "image_timeout": "3600", "smoke_timeout": "300", "command_timeout": "1800"}
 
 
+def sandbox_account(info: dict) -> str:
+    """An environment on the sandbox's endpoint, as a maintainer configured it:
+    the import looks with its endpoint and credentials, never the request's."""
+    recipe = Recipe.objects.get_or_create(name="account", defaults={"definition": info["recipe"]})[0]
+    Environment.objects.create(
+        name="sandbox-account", region=info["region"], aws_endpoint_url=info["aws_endpoint_url"], aws_credentials="sandbox",
+        load_balancer_name="account", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1", ssh_key_file="/nonexistent",
+        subnet_id="subnet-1", key_name="account", base_ami="ami-1", repository="https://example.invalid/app.git", recipe=recipe)
+    return "environment:sandbox-account"
+
+
 def test_it_shows_the_instances_and_fills_in_what_aws_knows_then_saves(client, sandbox):
     info = sandbox.info
-    client.force_login(person("dana", "deployer"))
-    lookup = {"region": info["region"], "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox",
-              "load_balancer_name": "prepan"}
+    client.force_login(person("dana", "maintainer"))
+    lookup = {"account": sandbox_account(info), "region": info["region"], "load_balancer_name": "prepan"}
 
     page = html.unescape(client.get("/environments/import/", lookup).content.decode())
 
@@ -30,7 +40,8 @@ def test_it_shows_the_instances_and_fills_in_what_aws_knows_then_saves(client, s
 
     recipe = Recipe.objects.create(name="demo", definition=info["recipe"])
     form = {
-        **lookup, "name": "prepan", "public_url": info["load_balancer_url"], "verify_security_group_id": info["verify_security_group_id"],
+        **lookup, "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox",
+        "name": "prepan", "public_url": info["load_balancer_url"], "verify_security_group_id": info["verify_security_group_id"],
         "verify_cidr": "127.0.0.1/32", "security_group_ids": json.dumps([info["app_security_group_id"]]), "app_port": "8080",
         "health_path": "/health", "expected_text": "{revision}", "ssh_user": "ec2-user", "ssh_port": str(info["ssh_port"]),
         "ssh_key_file": info["ssh_key_file"], "address": "private", "instance_type": "t3.micro", "subnet_id": info["subnet_id"],
@@ -42,15 +53,16 @@ def test_it_shows_the_instances_and_fills_in_what_aws_knows_then_saves(client, s
 
     assert response.status_code == 302, _errors(response)
     assert Environment.objects.get(name="prepan").subnet_id == info["subnet_id"]
-    assert AuditEvent.objects.filter(action="environment.create", actor_name="dana").exists()
+    created = AuditEvent.objects.get(action="environment.create", actor_name="dana")
+    assert created.details["diff"]["subnet_id"] == [None, info["subnet_id"]]
 
 
 def test_an_unknown_load_balancer_is_a_clear_error(client, sandbox):
     info = sandbox.info
-    client.force_login(person("dana", "deployer"))
+    client.force_login(person("dana", "maintainer"))
 
-    page = html.unescape(client.get("/environments/import/", {"region": info["region"], "aws_endpoint_url": info["aws_endpoint_url"],
-                                                             "aws_credentials": "sandbox", "load_balancer_name": "nope"}).content.decode())
+    page = html.unescape(client.get("/environments/import/", {"account": sandbox_account(info), "region": info["region"],
+                                                             "load_balancer_name": "nope"}).content.decode())
 
     assert "describe load balancer nope: LoadBalancerNotFound" in page
 
@@ -74,9 +86,8 @@ def alb_sandbox(tmp_path_factory):
 
 def test_it_reads_a_target_group_fills_in_what_aws_knows_and_saves_it(client, alb_sandbox):
     info = alb_sandbox.info
-    client.force_login(person("dana", "deployer"))
-    lookup = {"region": info["region"], "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox",
-              "target_group_arn": info["target_group_arn"]}
+    client.force_login(person("dana", "maintainer"))
+    lookup = {"account": sandbox_account(info), "region": info["region"], "target_group_arn": info["target_group_arn"]}
 
     page = html.unescape(client.get("/environments/import/", lookup).content.decode())
 
@@ -89,7 +100,8 @@ def test_it_reads_a_target_group_fills_in_what_aws_knows_and_saves_it(client, al
 
     recipe = Recipe.objects.create(name="demo", definition=info["recipe"])
     form = {
-        **lookup, "load_balancer_name": "", "name": "prepan", "public_url": info["load_balancer_url"],
+        **lookup, "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox", "load_balancer_name": "",
+        "name": "prepan", "public_url": info["load_balancer_url"],
         "verify_security_group_id": info["verify_security_group_id"], "verify_cidr": "127.0.0.1/32",
         "security_group_ids": json.dumps([info["app_security_group_id"]]), "app_port": "8080", "health_path": "/health",
         "expected_text": "{revision}", "ssh_user": "ec2-user", "ssh_port": str(info["ssh_port"]), "ssh_key_file": info["ssh_key_file"],
@@ -106,8 +118,8 @@ def test_it_reads_a_target_group_fills_in_what_aws_knows_and_saves_it(client, al
 
 def test_the_lookup_needs_exactly_one_of_a_load_balancer_and_a_target_group(client, alb_sandbox):
     info = alb_sandbox.info
-    client.force_login(person("dana", "deployer"))
-    where = {"region": info["region"], "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox"}
+    client.force_login(person("dana", "maintainer"))
+    where = {"account": sandbox_account(info), "region": info["region"]}
 
     neither = html.unescape(client.get("/environments/import/", where).content.decode())
     both = html.unescape(client.get("/environments/import/", {**where, "load_balancer_name": "prepan",

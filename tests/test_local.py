@@ -161,3 +161,29 @@ def _child_of_us(pid: str) -> bool:
             return int(stat.read().rsplit(b")", 1)[1].split()[1]) == os.getpid()
     except FileNotFoundError:
         return False
+
+
+def test_a_recipe_s_local_task_sees_no_secret_and_runs_outside_the_project(monkeypatch):
+    from django.conf import settings
+
+    secrets = {"SECRET_KEY": "s3cret-django-key", "DATABASE_URL": "postgres://gl:pw-db@db/gl", "REDIS_URL": "redis://:pw-redis@r/0",
+               "CELERY_BROKER_URL": "redis://:pw-celery@r/1", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE00",
+               "AWS_SECRET_ACCESS_KEY": "aws-secret-value-0123", "PROD_SECRET_ACCESS_KEY": "prefixed-secret-value"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    project = settings.BASE_DIR
+    secret_key = (project / "var" / "secret_key")
+    key = secret_key.read_text().strip() if secret_key.exists() else None
+    lines = Lines()
+
+    status = local.run_in_scratch("echo pwd=$(pwd); env; ls -a; cat var/secret_key ../var/secret_key", timeout=30, on_line=lines)
+
+    output = "\n".join(text for _, text in lines.lines)
+    cwd = next(text for _, text in lines.lines if text.startswith("pwd="))[4:]
+    names = {text.split("=", 1)[0] for stream, text in lines.lines if stream == "stdout" and "=" in text and not text.startswith("pwd=")}
+    assert status != 0  # cat found no var/secret_key
+    assert not any(value in output for value in secrets.values())
+    assert key is None or key not in output
+    assert names <= {"PATH", "HOME", "LANG", "USER", "LOGNAME", "PWD", "SHLVL", "_"}, names
+    assert f"HOME={cwd}" in output
+    assert not cwd.startswith(str(project)) and not os.path.exists(cwd), "the scratch directory is removed after"

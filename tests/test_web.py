@@ -64,8 +64,8 @@ def test_signing_out_ends_the_session(client):
     assert client.get(reverse("dashboard")).status_code == 302
 
 
-def test_the_three_roles_exist_as_groups():
-    assert set(Group.objects.values_list("name", flat=True)) >= {"viewer", "deployer", "approver"}
+def test_the_four_roles_exist_as_groups():
+    assert set(Group.objects.values_list("name", flat=True)) >= {"viewer", "deployer", "approver", "maintainer"}
 
 
 def test_the_admin_is_there_for_staff(admin_client):

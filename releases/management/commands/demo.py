@@ -70,6 +70,9 @@ class Command(BaseCommand):
         stopping = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.set())
+        # the sandbox's repository is a file:// URL; the worker and web server inherit this
+        os.environ["ALLOW_FILE_REPOSITORIES"] = "true"
+        settings.ALLOW_FILE_REPOSITORIES = True
         try:
             self._redis()
             username, password = self._admin()

@@ -7,7 +7,7 @@ from releases import roles
 
 
 class Command(BaseCommand):
-    help = "Give a person roles (viewer, deployer, approver), creating them if needed."
+    help = "Give a person roles (viewer, deployer, approver, maintainer), creating them if needed."
 
     def add_arguments(self, parser):
         parser.add_argument("username")

@@ -16,5 +16,8 @@ class Command(BaseCommand):
             info = sandbox.load(options["file"])
         except FileNotFoundError:
             raise CommandError(f"{options['file']} does not exist: is the sandbox running?") from None
-        environment = services.environment_import_sandbox(info=info)
+        try:
+            environment = services.environment_import_sandbox(info=info)
+        except services.ServiceError as exc:
+            raise CommandError(str(exc)) from None
         self.stdout.write(f"environment {environment.name}: {environment.public_url}")
