@@ -77,3 +77,25 @@ class ImportLookupForm(forms.Form):
         if bool(data.get("load_balancer_name")) == bool(data.get("target_group_arn")):
             raise forms.ValidationError("Name a classic load balancer or a target group ARN (one of the two).")
         return data
+
+
+class PasswordConfirmForm(forms.Form):
+    """Creating or rotating a token asks for the password again: a session left
+    open on a shared screen is not enough to mint a credential, and the check
+    goes through the same sign-in throttle as the login page."""
+
+    password = forms.CharField(widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+                               label="Your password")
+
+    def __init__(self, *args, request, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request = request
+
+    def clean_password(self):
+        from django.contrib.auth import authenticate
+
+        password = self.cleaned_data["password"]
+        user = self.request.user
+        if authenticate(self.request, username=user.get_username(), password=password) != user:
+            raise forms.ValidationError("That is not your password.")
+        return password
