@@ -63,6 +63,10 @@ class AuditEventAdmin(admin.ModelAdmin):
 # (a person makes their own on the profile page, where it is shown once), and
 # audits a revoke made here.
 admin.site.unregister(TokenProxy)
+# A token's str() is its key, and the admin puts str(obj) in page titles, the
+# delete confirmation and its own LogEntry rows. TokenProxy exists only for
+# the admin, so naming it by prefix here changes nothing else.
+TokenProxy.__str__ = lambda token: f"{tokens.token_prefix(token.key)} ({token.user})"
 
 
 @admin.register(TokenProxy)

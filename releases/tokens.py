@@ -28,12 +28,13 @@ def token_of(user) -> Token | None:
 def token_rotate(*, user, source_ip: str | None = None) -> str:
     """A new token for `user`, replacing any old one (which stops working at once). Returns the key."""
     old = Token.objects.select_for_update().filter(user=user).first()
+    replaced = {}
     if old is not None:
+        replaced = {"replaced": token_prefix(old.key)}
         old.delete()
     token = Token.objects.create(user=user)
     audit.record("token.rotate" if old is not None else "token.create", actor=user, source_ip=source_ip,
-                 target=user.get_username(), prefix=token_prefix(token.key),
-                 **({"replaced": token_prefix(old.key)} if old is not None else {}))
+                 target=user.get_username(), prefix=token_prefix(token.key), **replaced)
     return token.key
 
 
@@ -43,7 +44,7 @@ def token_revoke(*, user, actor=None, source_ip: str | None = None) -> bool:
     old = Token.objects.select_for_update().filter(user=user).first()
     if old is None:
         return False
+    prefix = token_prefix(old.key)
     old.delete()
-    audit.record("token.revoke", actor=actor or user, source_ip=source_ip, target=user.get_username(),
-                 prefix=token_prefix(old.key))
+    audit.record("token.revoke", actor=actor or user, source_ip=source_ip, target=user.get_username(), prefix=prefix)
     return True
