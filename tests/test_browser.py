@@ -26,6 +26,10 @@ LONG = 150_000  # ms: a whole bake on the sandbox takes under a minute
 def sign_in(browser, base: str, username: str):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
+    # what the Content-Security-Policy refused (it must refuse nothing of ours), and the websockets opened under it
+    page.csp_violations, page.websockets = [], []
+    page.on("console", lambda message: "Content Security Policy" in message.text and page.csp_violations.append(message.text))
+    page.on("websocket", lambda socket: page.websockets.append(socket.url))
     page.goto(f"{base}/accounts/login/")
     page.fill("#id_username", username)
     page.fill("#id_password", "a-long-passphrase")
@@ -118,6 +122,8 @@ def test_a_release_clicked_through_and_approved_in_the_browser(release_sandbox, 
     dana.goto(f"{web_server}/environments/prepan/")
     dana.wait_for_selector("text=in service")
     shoot(dana, "environment")
+    assert dana.csp_violations == ravi.csp_violations == []
+    assert ravi.websockets and all(url.startswith(web_server.replace("http", "ws")) for url in ravi.websockets)
 
 
 def test_a_log_of_100000_lines_loads_and_renders_only_a_window(release_sandbox, web_server, browser):
