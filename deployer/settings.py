@@ -143,7 +143,8 @@ AUTHENTICATION_BACKENDS = [
     "django.contrib.auth.backends.ModelBackend",
 ]
 AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
-AXES_COOLOFF_TIME = env.float("LOGIN_COOLOFF_MINUTES", default=15.0) / 60
+# in hours, as axes reads a float; 0 minutes: locked until an administrator unlocks
+AXES_COOLOFF_TIME = env.float("LOGIN_COOLOFF_MINUTES", default=15.0) / 60 or None
 # By default a username is locked from the address that failed (so a stranger
 # cannot lock a person out from everywhere); `ip_address` also locks an address
 # that tries many names. "+" joins parameters into one combination.
