@@ -1,11 +1,14 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from releases import views as release_views
+
 from . import health
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    path("accounts/profile/", release_views.profile, name="profile"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("", include("releases.urls")),
 ]

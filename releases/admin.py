@@ -1,6 +1,8 @@
 from django.contrib import admin
+from rest_framework.authtoken.admin import TokenAdmin as DRFTokenAdmin
+from rest_framework.authtoken.models import TokenProxy
 
-from . import audit, services
+from . import audit, services, tokens
 from .models import AuditEvent, Environment, Recipe, Release, Step
 
 
@@ -59,3 +61,32 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # append-only: the database refuses it too (PostgreSQL), and the chain shows it
+
+# DRF's own admin lists every key in full; ours shows a prefix, creates none
+# (a person makes their own on the profile page, where it is shown once), and
+# audits a revoke made here.
+admin.site.unregister(TokenProxy)
+# A token's str() is its key, and the admin puts str(obj) in page titles, the
+# delete confirmation and its own LogEntry rows. TokenProxy exists only for
+# the admin, so naming it by prefix here changes nothing else.
+TokenProxy.__str__ = lambda token: f"{tokens.token_prefix(token.key)} ({token.user})"
+
+
+@admin.register(TokenProxy)
+class TokenAdmin(DRFTokenAdmin):
+    list_display = ("prefix", "user", "created")
+    fields = ("prefix", "user", "created")
+    readonly_fields = fields
+
+    @admin.display(description="Token")
+    def prefix(self, obj):
+        return tokens.token_prefix(obj.key)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def delete_model(self, request, obj):
+        tokens.token_revoke(user=obj.user, actor=request.user, source_ip=request.META.get("REMOTE_ADDR"))

@@ -135,3 +135,24 @@ class ImportLookupForm(forms.Form):
         environment = Environment.objects.get(name=data["account"].split(":", 1)[1])
         return {"region": environment.region if environment.aws_endpoint_url else data["region"],
                 "aws_endpoint_url": environment.aws_endpoint_url, "aws_credentials": environment.aws_credentials}
+
+class PasswordConfirmForm(forms.Form):
+    """Creating or rotating a token asks for the password again: a session left
+    open on a shared screen is not enough to mint a credential, and the check
+    goes through the same sign-in throttle as the login page."""
+
+    password = forms.CharField(widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+                               label="Your password")
+
+    def __init__(self, *args, request, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request = request
+
+    def clean_password(self):
+        from django.contrib.auth import authenticate
+
+        password = self.cleaned_data["password"]
+        user = self.request.user
+        if authenticate(self.request, username=user.get_username(), password=password) != user:
+            raise forms.ValidationError("That is not your password.")
+        return password

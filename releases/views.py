@@ -21,9 +21,9 @@ from django.views.decorators.http import require_POST
 
 from deployer.errors import AdapterError
 
-from . import permissions, plan, selectors, services
-from .forms import (AuditFilterForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, ImportLookupForm, OptionsForm, RecipeForm,
-                    RevisionForm)
+from . import permissions, plan, selectors, services, tokens
+from .forms import (AuditFilterForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, ImportLookupForm, OptionsForm,
+                    PasswordConfirmForm, RecipeForm, RevisionForm)
 from .models import Environment, Recipe, RecipeChange, Release
 
 WIZARD = "release_wizard"
@@ -383,3 +383,28 @@ def audit_page(request):
     query.pop("page", None)
     return render(request, "releases/audit.html", {"form": form, "page": page, "query": query.urlencode(),
                                                    "chain": selectors.audit_chain()})
+
+
+# -- profile --------------------------------------------------------------------------
+
+
+@login_required
+def profile(request):
+    """One's own API token: its prefix; create or rotate (password again), revoke."""
+    form = PasswordConfirmForm(request=request)
+    new_key = None
+    if request.method == "POST":
+        if request.POST.get("action") == "revoke":
+            if tokens.token_revoke(user=request.user, source_ip=client_ip(request)):
+                messages.success(request, "Your token is revoked: scripts using it are refused from now on.")
+            return redirect("profile")
+        form = PasswordConfirmForm(request.POST, request=request)
+        if form.is_valid():
+            new_key = tokens.token_rotate(user=request.user, source_ip=client_ip(request))
+            form = PasswordConfirmForm(request=request)
+    token = tokens.token_of(request.user)
+    # the new key is in this answer only (no-store, never redirected to, never shown again)
+    return render(request, "registration/profile.html", {
+        "form": form, "new_key": new_key,
+        "token": token, "token_prefix": tokens.token_prefix(token.key) if token else None,
+    })

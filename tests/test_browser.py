@@ -16,6 +16,7 @@ import pytest
 
 from releases import services
 from releases.models import Release
+from tests.helpers import wait_for
 from tests.release_helpers import person, revisions_behind
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
@@ -26,12 +27,22 @@ LONG = 150_000  # ms: a whole bake on the sandbox takes under a minute
 def sign_in(browser, base: str, username: str):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
+    # what the Content-Security-Policy refused (it must refuse nothing of ours), and the websockets opened under it
+    page.csp_violations, page.websockets = [], []
+    page.on("console", lambda message: "Content Security Policy" in message.text and page.csp_violations.append(message.text))
+    page.on("websocket", lambda socket: page.websockets.append(socket.url))
     page.goto(f"{base}/accounts/login/")
     page.fill("#id_username", username)
     page.fill("#id_password", "a-long-passphrase")
     page.click("button:has-text('Sign in')")
     page.wait_for_url(f"{base}/")
     return page
+
+
+def wait_in(page, expression: str, timeout: float):
+    # page.wait_for_function evaluates its string with eval() inside the page,
+    # which the Content-Security-Policy refuses; page.evaluate is not subject to it
+    return wait_for(lambda: page.evaluate(expression), timeout, 0.2, expression)
 
 
 def shoot(page, name: str) -> None:
@@ -98,7 +109,7 @@ def test_a_release_clicked_through_and_approved_in_the_browser(release_sandbox, 
         page.wait_for_selector(".release-status .status-succeeded", timeout=LONG)
     release = Release.objects.get(pk=release_id)
     assert release.status == "succeeded"
-    ravi.wait_for_function(f"greenlightLog.lastSeq >= {release.log_seq}", timeout=30_000)
+    wait_in(ravi, f"greenlightLog.lastSeq >= {release.log_seq}", 30)
     seqs = ravi.evaluate("greenlightLog.lines.map(l => l.seq)")
     assert seqs == list(range(1, release.log_seq + 1))
     assert revisions_behind(environment.public_url) == {target}
@@ -118,6 +129,8 @@ def test_a_release_clicked_through_and_approved_in_the_browser(release_sandbox, 
     dana.goto(f"{web_server}/environments/prepan/")
     dana.wait_for_selector("text=in service")
     shoot(dana, "environment")
+    assert dana.csp_violations == ravi.csp_violations == []
+    assert ravi.websockets and all(url.startswith(web_server.replace("http", "ws")) for url in ravi.websockets)
 
 
 def test_a_log_of_100000_lines_loads_and_renders_only_a_window(release_sandbox, web_server, browser):
@@ -137,7 +150,7 @@ def test_a_log_of_100000_lines_loads_and_renders_only_a_window(release_sandbox, 
     page = sign_in(browser, web_server, "vic")
 
     page.goto(f"{web_server}/releases/{release.pk}/")
-    page.wait_for_function("greenlightLog.lastSeq === 100000", timeout=60_000)
+    wait_in(page, "greenlightLog.lastSeq === 100000", 60)
 
     assert page.locator(".log-line").count() < 200
     page.wait_for_selector(".log-line[data-seq='100000']")  # following: the end is in view
