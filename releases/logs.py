@@ -34,6 +34,8 @@ REDACTED = "[redacted]"
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 _HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*).+")  # the whole value: "Token abc", "Basic ..."
 _BEARER = re.compile(r"(?i)\b(token|bearer)(\s+)[A-Za-z0-9._~+/-]{16,}=*")
+# the password of a URL's userinfo: postgres://user:pw@host, redis://:pw@host
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)([^/\s@]+)(@)")
 _PAIR = re.compile(r"(?i)\b(aws_secret_access_key|secret[_-]?key|password|passwd|pwd|token|api[_-]?key)(\s*[:=]\s*)(\S+)")
 # the shape of an AWS secret key; both cases required so a git sha (hex) survives
 _AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[a-z])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
@@ -58,6 +60,7 @@ class Redactor:
             return REDACTED
         for secret in self.secrets:
             text = text.replace(secret, REDACTED)
+        text = _URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + m.group(3), text)
         text = _AWS_KEY_ID.sub(REDACTED, text)
         text = _HEADER.sub(lambda m: m.group(1) + REDACTED, text)
         text = _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)

@@ -26,6 +26,15 @@ def test_it_redacts_aws_keys_tokens_and_passwords():
     assert redact("mysql -u app --password=hunter2hunter2") == f"mysql -u app --password={REDACTED}"
 
 
+def test_a_password_inside_a_url_is_redacted_and_the_rest_of_the_url_kept():
+    redact = Redactor()
+
+    assert redact("connecting to postgres://app:hunter2@db:5432/app") == f"connecting to postgres://app:{REDACTED}@db:5432/app"
+    assert redact("REDIS=redis://:s3cret@cache:6379/0 ok") == f"REDIS=redis://:{REDACTED}@cache:6379/0 ok"
+    assert redact("git clone https://dana:ghp_x1@github.com/o/r.git") == f"git clone https://dana:{REDACTED}@github.com/o/r.git"
+    assert redact("see https://example.com:8443/a@b and git@github.com:o/r") == "see https://example.com:8443/a@b and git@github.com:o/r"
+
+
 def test_a_git_sha_is_not_mistaken_for_a_secret():
     line = "HEAD is now at 9f2c1e0a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e prepan v2"
     assert Redactor()(line) == line
