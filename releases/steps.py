@@ -311,7 +311,7 @@ def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
                 "environment": ctx.env["name"],
             }
             for command in recipe.render(definition, phase, values, role=row.role):
-                run_command(ctx, row, command, getattr(command, "timeout", None) or default_timeout)
+                run_command(ctx, row, command, command.timeout or default_timeout)
         finally:
             connection.close()  # this thread's own database connection
 
