@@ -64,6 +64,23 @@ class Account:
         raise AdapterError(f"unknown credentials reference {credentials!r}")
 
 
+def credential_values(account: Account) -> list[str]:
+    """The account's secret values, for redaction: its keys, or what its
+    profile resolves to. boto3's default chain is left alone here (resolving
+    it may ask the instance metadata service); its environment variables are
+    among the worker's own secrets anyway."""
+    if account.profile:
+        try:
+            credentials = boto3.session.Session(profile_name=account.profile).get_credentials()
+        except Exception:  # a profile that does not resolve fails the first call, with the reason
+            return []
+        if credentials is None:
+            return []
+        frozen = credentials.get_frozen_credentials()
+        return [v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v]
+    return [v for v in (account.access_key_id, account.secret_access_key) if v]
+
+
 def client(account: Account, service: str):
     session = boto3.session.Session(profile_name=account.profile) if account.profile else boto3.session.Session()
     return session.client(

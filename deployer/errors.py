@@ -3,7 +3,13 @@ class AdapterError(Exception):
 
     Adapters (AWS, SSH) translate every library exception into this, so the
     engine handles one thing and no library detail (or secret) leaks upward.
+    The message is redacted here, once, wherever it is shown later.
     """
+
+    def __init__(self, message: str = "", *args):
+        from deployer.redact import Redactor
+
+        super().__init__(Redactor().text(str(message)) if message else message, *args)
 
 
 class Cancelled(AdapterError):

@@ -22,6 +22,7 @@ import socket
 import threading
 import traceback
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
@@ -90,12 +91,24 @@ def release_cloud(release: Release) -> aws.Cloud:
 
 
 def secrets_of(release: Release) -> list[str]:
-    """Values the log must never show: the environment's own secrets."""
+    """Values the log must never show, beside the worker's own (deployer.redact):
+    the environment's credentials and its SSH private key file's content."""
+    environment = release.plan.get("environment") or {}
+    found = []
     try:
-        account = account_for(release.plan["environment"])
-    except AdapterError:
-        return []
-    return [s for s in (account.secret_access_key, account.access_key_id) if s and s != "sandbox"]
+        found += aws.credential_values(account_for(environment))
+    except (AdapterError, KeyError):
+        pass
+    if key_file := environment.get("ssh_key_file"):
+        try:
+            found.append(Path(key_file).read_text())
+        except (OSError, ValueError):
+            pass  # the step that needs it says why
+    return [s for s in found if s and s not in aws.SANDBOX_CREDENTIALS]
+
+
+def writer_for(release: Release) -> LogWriter:
+    return LogWriter(release.pk, secrets=secrets_of(release))
 
 
 def poll_delay(polls: int, *, scale: float, hint: float | None = None) -> float:
@@ -169,7 +182,7 @@ def take(release: Release, step: Step, owner: str):
 
 def run_step(release: Release, step: Step, owner: str, *, resumed: bool = False):
     """Run one leased step: GO_ON when it succeeded, seconds when it waits, else None."""
-    with LogWriter(release.pk, secrets=secrets_of(release)) as writer:
+    with writer_for(release) as writer:
         return _run_step(release, step, owner, writer, resumed=resumed)
 
 
@@ -246,7 +259,7 @@ def stop_for_cancel(release: Release) -> bool:
         if step.lease_owner:
             return False
         # waiting on a timer: nobody holds it, so it is ours to stop
-        return cancel_step(release, step, None, LogWriter(release.pk)) == GO_ON
+        return cancel_step(release, step, None, writer_for(release)) == GO_ON
     transitions.release(release.pk, "cancel", reason="cancelled")
     return True
 
@@ -265,11 +278,11 @@ def fail(release: Release, step: Step, owner: str, writer: LogWriter, reason: st
 def open_gate(release: Release, step: Step) -> None:
     if step.status != S.PENDING:
         return
-    context = steps.Context(release=release, step=step, cloud=release_cloud(release), log=LogWriter(release.pk))
+    context = steps.Context(release=release, step=step, cloud=release_cloud(release), log=writer_for(release))
     try:
         card = steps.GATE_CARDS[step.key](context)
     except (AdapterError, steps.StepFailed) as exc:
-        card = {"warning": str(exc)}
+        card = {"warning": context.log.redact.text(str(exc))}
     timeout = release.plan["environment"]["gate_timeout"]
     with transaction.atomic():
         opened = transitions.step(step.pk, "open", started_at=timezone.now(),
@@ -297,7 +310,7 @@ def finish(release: Release) -> None:
     with transaction.atomic():
         if transitions.release(release.pk, "finish", error="") and image:
             Environment.objects.filter(pk=release.environment_id).update(last_baked_ami=image)
-    writer = LogWriter(release.pk)
+    writer = writer_for(release)
     writer.write("release", f"{release.plan['environment']['name']} now serves {release.revision}")
     writer.flush()
 
@@ -318,7 +331,7 @@ def next_rollback_step(release: Release) -> Step | None:
                                       for n, key in enumerate(keys)])
         except IntegrityError:
             pass  # another worker made them a moment ago
-        writer = LogWriter(release.pk)
+        writer = writer_for(release)
         writer.write("rollback", f"rolling back: {', '.join(keys) or 'nothing to undo'}")
         writer.flush()
         undo = list(release.steps.filter(kind=K.ROLLBACK))
@@ -332,7 +345,7 @@ def next_rollback_step(release: Release) -> Step | None:
 def end_rollback(release: Release) -> None:
     action = "cancelled" if release.cancel_requested else "rolled_back"
     if transitions.release(release.pk, action, reason="the old fleet serves"):
-        writer = LogWriter(release.pk)
+        writer = writer_for(release)
         writer.write("rollback", "rolled back" if action == "rolled_back" else "cancelled and cleaned up")
         writer.flush()
 

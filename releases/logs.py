@@ -10,13 +10,14 @@ follows is stored within about half a second anyway, by a background thread.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
+
+from deployer.redact import REDACTED, Redactor  # noqa: F401 (REDACTED: for callers)
 
 from . import broadcast
 from .models import LogLine, Release
@@ -29,45 +30,6 @@ QUIET_SECONDS = 0.25  # after this long with no flush, the background flusher st
 FLUSHER_TICK_SECONDS = 0.1  # how often it looks: a line waits at most QUIET_SECONDS plus this
 FLUSHER_IDLE_SECONDS = 2.0  # a flusher with nothing to store this long ends; the next line starts another
 BACKGROUND_LOCK_TIMEOUT = "1s"  # how long the flusher waits for the release row (see _flush_quietly)
-REDACTED = "[redacted]"
-
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
-_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*).+")  # the whole value: "Token abc", "Basic ..."
-_BEARER = re.compile(r"(?i)\b(token|bearer)(\s+)[A-Za-z0-9._~+/-]{16,}=*")
-# the password of a URL's userinfo: postgres://user:pw@host, redis://:pw@host
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)([^/\s@]+)(@)")
-_PAIR = re.compile(r"(?i)\b(aws_secret_access_key|secret[_-]?key|password|passwd|pwd|token|api[_-]?key)(\s*[:=]\s*)(\S+)")
-# the shape of an AWS secret key; both cases required so a git sha (hex) survives
-_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[a-z])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
-_KEY_BEGIN = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
-_KEY_END = re.compile(r"-----END [A-Z ]*PRIVATE KEY-----")
-
-
-class Redactor:
-    """Removes secrets from lines; remembers when it is inside a private key."""
-
-    def __init__(self, secrets: list[str] = ()):
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
-        self.in_key: dict[tuple, bool] = {}
-
-    def __call__(self, text: str, source: tuple = ()) -> str:
-        if self.in_key.get(source):
-            if _KEY_END.search(text):
-                self.in_key[source] = False
-            return REDACTED
-        if _KEY_BEGIN.search(text):
-            self.in_key[source] = not _KEY_END.search(text)
-            return REDACTED
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        text = _URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + m.group(3), text)
-        text = _AWS_KEY_ID.sub(REDACTED, text)
-        text = _HEADER.sub(lambda m: m.group(1) + REDACTED, text)
-        text = _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
-        text = _PAIR.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
-        return _AWS_SECRET.sub(REDACTED, text)
-
-
 class LogWriter:
     """Collects a release's lines from any thread; flush() stores and sends them.
 

@@ -1,4 +1,6 @@
 import os
+import secrets
+import string
 import subprocess
 import sys
 
@@ -12,6 +14,13 @@ from tests.helpers import ROOT, SandboxProcess, wait_for
 # and sandboxes the tests start. Tests of the refusal turn it off.
 os.environ["ALLOW_FILE_REPOSITORIES"] = "true"
 settings.ALLOW_FILE_REPOSITORIES = True
+
+# Secrets of the workers' own, for the redaction tests (tests/test_redaction.py):
+# a sensitive setting, and credentials an environment refers to as "env:GLREDACT".
+# Every process the tests start inherits them.
+os.environ.setdefault("GREENLIGHT_TEST_API_TOKEN", secrets.token_urlsafe(24))
+os.environ.setdefault("GLREDACT_ACCESS_KEY_ID", "AKIA" + "".join(secrets.choice(string.ascii_uppercase) for _ in range(16)))
+os.environ.setdefault("GLREDACT_SECRET_ACCESS_KEY", secrets.token_urlsafe(30))
 
 
 @pytest.fixture(scope="session")

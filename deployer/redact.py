@@ -1,0 +1,169 @@
+"""Redaction: what a release's log, a stored error or a worker's log line must never show.
+
+Three kinds of secret are removed:
+- shapes: AWS access key ids and secret keys, `password=...` and the like,
+  `Authorization:` headers, bearer tokens, the password of a URL's userinfo
+  (`postgres://user:pw@host`), and whole private keys (BEGIN ... END);
+- known values: the ones a caller passes (an environment's own credentials,
+  its SSH private key file's content) and the worker's own (`worker_secrets`:
+  the Django secret key, the audit key, database and mail passwords, and every
+  environment variable whose name says it holds a secret);
+- encodings of the known values: their base64 (standard and URL-safe, at any
+  byte offset, wrapped or not) and hex (either case). Output is cut into
+  lines anywhere, so a run of base64/hex characters is redacted whole when
+  any ENCODED_WINDOW characters of it come from a secret's encoding.
+
+Pure Python on purpose: the release log (releases/logs.py), the web side's
+error messages and the logging configuration all use it.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+import os
+import re
+from urllib.parse import urlsplit
+
+REDACTED = "[redacted]"
+MIN_SECRET = 6  # shorter known values would redact ordinary words
+MIN_WORKER_SECRET = 8
+ENCODED_WINDOW = 20  # chars of a secret's encoding that count as the secret: 120 bits of base64, 80 of hex
+PROBE = ENCODED_WINDOW // 2
+
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+_HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*).+")  # the whole value: "Token abc", "Basic ..."
+_BEARER = re.compile(r"(?i)\b(token|bearer)(\s+)[A-Za-z0-9._~+/-]{16,}=*")
+# the password of a URL's userinfo: postgres://user:pw@host, redis://:pw@host
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)([^/\s@]+)(@)")
+_PAIR = re.compile(r"(?i)\b(aws_secret_access_key|secret[_-]?key|password|passwd|pwd|token|api[_-]?key)(\s*[:=]\s*)(\S+)")
+# the shape of an AWS secret key; both cases required so a git sha (hex) survives
+_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[a-z])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+_KEY_BEGIN = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+_KEY_END = re.compile(r"-----END [A-Z ]*PRIVATE KEY-----")
+# a run that may be (part of) an encoding: the base64 alphabets, hex included
+_ENCODED_RUN = re.compile(r"[A-Za-z0-9+/_-]{%d,}={0,2}" % ENCODED_WINDOW)
+# environment variables whose values are secrets (Django's list for its error pages, and a few more)
+SENSITIVE_NAME = re.compile(r"API|TOKEN|KEY|SECRET|PASS|SIGNATURE|CREDENTIAL|PRIVATE", re.I)
+
+
+def encodings(secret: str) -> list[str]:
+    """The parts of `secret`'s base64 and hex encodings that do not depend on
+    what surrounds it: base64 at each of the three byte offsets (the
+    characters that mix in neighbouring bytes dropped), URL-safe too, and hex
+    in both cases."""
+    data = secret.encode()
+    forms = {data.hex(), data.hex().upper()}
+    for offset in range(3):
+        text = base64.b64encode(b"\0" * offset + data).decode()
+        core = text[-(-8 * offset // 6):(8 * (offset + len(data))) // 6]  # ceil(8o/6) : floor(8(o+n)/6)
+        forms |= {core, core.replace("+", "-").replace("/", "_")}
+    return [f for f in forms if len(f) >= MIN_SECRET]
+
+
+class Redactor:
+    """Removes secrets from lines; remembers, per source, when it is inside a private key."""
+
+    def __init__(self, secrets: list[str] = (), *, worker: bool = True):
+        known = {s for s in secrets if s and len(s) >= MIN_SECRET}
+        if worker:
+            known |= set(worker_secrets())
+        self.secrets, self.windows, self.probes = _known(frozenset(known))
+        self.in_key: dict[tuple, bool] = {}
+
+    def __call__(self, text: str, source: tuple = ()) -> str:
+        if self.in_key.get(source):
+            if _KEY_END.search(text):
+                self.in_key[source] = False
+            return REDACTED
+        if _KEY_BEGIN.search(text):
+            self.in_key[source] = not _KEY_END.search(text)
+            return REDACTED
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if self.windows:
+            text = _ENCODED_RUN.sub(self._encoded, text)
+        text = _URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + m.group(3), text)
+        text = _AWS_KEY_ID.sub(REDACTED, text)
+        text = _HEADER.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+        text = _PAIR.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)
+        return _AWS_SECRET.sub(REDACTED, text)
+
+    def text(self, text: str) -> str:
+        """Several lines at once (a traceback, an error message), each on its own."""
+        return "\n".join(self(line, ("text",)) for line in text.split("\n"))
+
+    def _encoded(self, match: re.Match) -> str:
+        # Any ENCODED_WINDOW characters of an encoding hold a PROBE-long piece
+        # that starts at a multiple of PROBE: look there first, then around a hit.
+        run, n = match.group(0), ENCODED_WINDOW
+        for i in range(0, len(run) - PROBE + 1, PROBE):
+            if run[i:i + PROBE] in self.probes and any(
+                    run[j:j + n] in self.windows for j in range(max(0, i - n + PROBE), min(i, len(run) - n) + 1)):
+                return REDACTED
+        return run
+
+
+@functools.lru_cache(maxsize=32)
+def _known(secrets: frozenset[str]) -> tuple[list[str], frozenset[str], frozenset[str]]:
+    """Exact strings to replace (longest first), the windows of the long
+    encodings, and their PROBE-long pieces."""
+    exact, windows = set(secrets), set()
+    for secret in secrets:
+        # a key file's lines are base64 already: any long enough piece of them counts
+        for run in _ENCODED_RUN.findall(secret):
+            windows.update(run[i:i + ENCODED_WINDOW] for i in range(len(run) - ENCODED_WINDOW + 1))
+        for form in encodings(secret):
+            if len(form) < ENCODED_WINDOW:
+                exact.add(form)
+            else:
+                windows.update(form[i:i + ENCODED_WINDOW] for i in range(len(form) - ENCODED_WINDOW + 1))
+    probes = frozenset(w[i:i + PROBE] for w in windows for i in range(ENCODED_WINDOW - PROBE + 1))
+    return sorted(exact, key=len, reverse=True), frozenset(windows), probes
+
+
+@functools.lru_cache(maxsize=1)
+def worker_secrets() -> tuple[str, ...]:
+    """The values of this process's own sensitive settings.
+
+    Read once per process: settings and the environment do not change while it runs.
+    """
+    from django.conf import settings
+
+    if not settings.configured:
+        return ()
+    values: list[str] = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()),
+                         getattr(settings, "AUDIT_KEY", ""), getattr(settings, "EMAIL_HOST_PASSWORD", "")]
+    values += [db.get("PASSWORD", "") for db in settings.DATABASES.values()]
+    for name, value in os.environ.items():
+        if SENSITIVE_NAME.search(name):
+            values.append(value)
+        if "://" in value and "@" in value:
+            values.append(_url_password(value))
+    return tuple(sorted({v for v in values if isinstance(v, str) and len(v) >= MIN_WORKER_SECRET}))
+
+
+def _url_password(value: str) -> str:
+    try:
+        return urlsplit(value).password or ""
+    except ValueError:
+        return ""
+
+
+class LogFilter(logging.Filter):
+    """Redacts a record's message and traceback before any handler writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            redact = Redactor()
+            record.msg, record.args = redact.text(record.getMessage()), None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = redact.text(record.exc_text)
+        except Exception:  # a log line is never lost to its redaction
+            pass
+        return True
