@@ -1,9 +1,7 @@
 from django.contrib import admin
-from rest_framework.authtoken.admin import TokenAdmin as DRFTokenAdmin
-from rest_framework.authtoken.models import TokenProxy
 
 from . import audit, services, tokens
-from .models import AuditEvent, Environment, Recipe, Release, Step
+from .models import ApiToken, AuditEvent, Environment, Recipe, Release, Step
 
 
 class AuditedAdmin(admin.ModelAdmin):
@@ -62,25 +60,23 @@ class AuditEventAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False  # append-only: the database refuses it too (PostgreSQL), and the chain shows it
 
-# DRF's own admin lists every key in full; ours shows a prefix, creates none
-# (a person makes their own on the profile page, where it is shown once), and
-# audits a revoke made here.
-admin.site.unregister(TokenProxy)
-# A token's str() is its key, and the admin puts str(obj) in page titles, the
-# delete confirmation and its own LogEntry rows. TokenProxy exists only for
-# the admin, so naming it by prefix here changes nothing else.
-TokenProxy.__str__ = lambda token: f"{tokens.token_prefix(token.key)} ({token.user})"
 
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Tokens by prefix, with when they were made and last used. An administrator
+    revokes one here (audited like a revoke on the profile page) but never sees
+    a key or its digest, and cannot make one: a person makes their own, where
+    it is shown once."""
 
-@admin.register(TokenProxy)
-class TokenAdmin(DRFTokenAdmin):
-    list_display = ("prefix", "user", "created")
-    fields = ("prefix", "user", "created")
+    list_display = ("prefix_shown", "user", "created", "last_used")
+    fields = ("prefix_shown", "user", "created", "last_used")
     readonly_fields = fields
+    search_fields = ("user__username",)  # never the prefix or digest: the admin is no oracle for a key
+    ordering = ("user__username",)
 
     @admin.display(description="Token")
-    def prefix(self, obj):
-        return tokens.token_prefix(obj.key)
+    def prefix_shown(self, obj):
+        return tokens.token_prefix(obj)
 
     def has_add_permission(self, request):
         return False
@@ -90,3 +86,8 @@ class TokenAdmin(DRFTokenAdmin):
 
     def delete_model(self, request, obj):
         tokens.token_revoke(user=obj.user, actor=request.user, source_ip=request.META.get("REMOTE_ADDR"))
+
+    def delete_queryset(self, request, queryset):
+        # the list's "delete selected" action: each one a revoke, each one audited
+        for token in queryset.select_related("user"):
+            self.delete_model(request, token)

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from deployer import git
 from deployer import recipe as recipes
@@ -320,3 +321,21 @@ class AuditChainHead(models.Model):
 
     seq = models.PositiveBigIntegerField(default=0)
     hash = models.CharField(max_length=64, default="0" * 64)
+
+
+class ApiToken(models.Model):
+    """A person's API key, kept as its SHA-256 digest: the key itself is shown
+    once, to its owner, and stored nowhere (releases/tokens.py). `prefix` is its
+    first characters, to tell two apart in the admin and on the profile page."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_token")
+    prefix = models.CharField(max_length=8)
+    digest = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the key, hex")
+    created = models.DateTimeField(default=timezone.now)
+    last_used = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.user})"

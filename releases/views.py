@@ -11,6 +11,7 @@ import csv
 import json
 from functools import wraps
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -395,16 +396,22 @@ def profile(request):
     new_key = None
     if request.method == "POST":
         if request.POST.get("action") == "revoke":
-            if tokens.token_revoke(user=request.user, source_ip=client_ip(request)):
+            if tokens.token_revoke(user=request.user, actor=request.user, source_ip=client_ip(request)):
                 messages.success(request, "Your token is revoked: scripts using it are refused from now on.")
             return redirect("profile")
         form = PasswordConfirmForm(request.POST, request=request)
         if form.is_valid():
-            new_key = tokens.token_rotate(user=request.user, source_ip=client_ip(request))
+            new_key = tokens.token_rotate(user=request.user, actor=request.user, source_ip=client_ip(request))
             form = PasswordConfirmForm(request=request)
+        elif form.has_error("password", "wrong_password"):
+            # django-axes has counted it as a failed sign-in; the audit keeps each
+            # one up to the lockout (later tries while locked out are axes' to count)
+            failures = getattr(request, "axes_failures_since_start", None)
+            if failures is None or failures <= settings.AXES_FAILURE_LIMIT:
+                tokens.token_password_refused(user=request.user, source_ip=client_ip(request), failures=failures)
     token = tokens.token_of(request.user)
     # the new key is in this answer only (no-store, never redirected to, never shown again)
     return render(request, "registration/profile.html", {
         "form": form, "new_key": new_key,
-        "token": token, "token_prefix": tokens.token_prefix(token.key) if token else None,
+        "token": token, "token_prefix": tokens.token_prefix(token) if token else None,
     })

@@ -1,6 +1,8 @@
 """The web's defences, each tried as the attack it stops: guessing passwords,
 sniffing cookies over http, injected script, a cached page, a leaked token."""
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -10,10 +12,10 @@ import sys
 import pytest
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
+from axes.models import AccessAttempt
 
-from releases import services
-from releases.models import AuditEvent
+from releases import services, tokens
+from releases.models import ApiToken, AuditEvent
 from tests.helpers import ROOT
 from tests.release_helpers import api, person
 from tests.test_api import environment  # noqa: F401  (fixture)
@@ -113,7 +115,29 @@ def test_guessing_the_password_on_the_profile_page_locks_out_token_creation(clie
     response = client.post("/accounts/profile/", {"action": "rotate", "password": PASSWORD})
 
     assert response.status_code == 429
-    assert not Token.objects.filter(user__username="dana").exists()
+    assert not ApiToken.objects.filter(user__username="dana").exists()
+
+
+def test_a_wrong_password_on_the_profile_page_is_a_failed_sign_in_and_audited(client, settings):
+    client.force_login(person("dana", "viewer"))
+    limit = settings.AXES_FAILURE_LIMIT
+
+    first = client.post("/accounts/profile/", {"action": "rotate", "password": "guess-0"})
+    attempt = AccessAttempt.objects.get(username="dana")
+    for n in range(1, limit + 3):
+        client.post("/accounts/profile/", {"action": "rotate", "password": f"guess-{n}"})
+
+    assert first.status_code == 200 and b"That is not your password." in first.content
+    # axes counted it as a sign-in failure, on this page, without keeping the password
+    assert (attempt.failures_since_start, attempt.path_info, attempt.ip_address) == (1, "/accounts/profile/", "127.0.0.1")
+    assert "guess-0" not in attempt.post_data
+    # each refusal up to the lockout, then the lockout, in the audit trail; none after
+    refused = AuditEvent.objects.filter(action="token.password_refused").order_by("seq")
+    assert [(e.actor_name, e.target, e.source_ip, e.details["failures"]) for e in refused] == [
+        ("dana", "dana", "127.0.0.1", n) for n in range(1, limit + 1)]
+    lockout = AuditEvent.objects.get(action="login.lockout")
+    assert (lockout.target, lockout.details["path"]) == ("dana", "/accounts/profile/")
+    assert "guess-" not in json.dumps([e.details for e in AuditEvent.objects.all()])
 
 
 # -- HTTPS ------------------------------------------------------------------------------
@@ -222,7 +246,7 @@ def release(environment):  # noqa: F811
 
 
 SIGNED_IN_PAGES = ["/", "/environments/", "/environments/prepan/", "/environments/prepan/edit/", "/releases/new/",
-                   "/audit/", "/accounts/profile/", "/admin/", "/admin/authtoken/tokenproxy/", "/api/releases/{release}/"]
+                   "/audit/", "/accounts/profile/", "/admin/", "/admin/releases/apitoken/", "/api/releases/{release}/"]
 
 
 @pytest.mark.parametrize("url", SIGNED_IN_PAGES + ["/releases/{release}/", "/releases/{release}/panel/"])
@@ -276,32 +300,113 @@ def test_htmx_is_told_not_to_add_its_own_inline_style(client):
 # -- tokens -----------------------------------------------------------------------------
 
 
+def new_key(response) -> str:
+    """The key a profile answer shows, the once it does."""
+    found = re.search(r'<code class="token" id="new-token">([0-9a-f]{40})</code>', response.content.decode())
+    assert found, "no new token in the answer"
+    return found.group(1)
+
+
 def test_a_person_rotates_their_token_and_the_old_one_stops_working(client, release):
     dana = User.objects.get(username="dana")
     client.force_login(dana)
 
-    created = client.post("/accounts/profile/", {"action": "rotate", "password": PASSWORD})
-    first = Token.objects.get(user=dana).key
-    rotated = client.post("/accounts/profile/", {"action": "rotate", "password": PASSWORD})
-    second = Token.objects.get(user=dana).key
+    first = new_key(client.post("/accounts/profile/", {"action": "rotate", "password": PASSWORD}))
+    second = new_key(client.post("/accounts/profile/", {"action": "rotate", "password": PASSWORD}))
 
     assert first != second
-    assert first in created.content.decode() and second in rotated.content.decode()
     assert api_with(first).get(f"/api/releases/{release.pk}/").status_code == 401
     assert api_with(second).get(f"/api/releases/{release.pk}/").status_code == 200
     assert list(AuditEvent.objects.filter(action__startswith="token.").order_by("pk").values_list("action", "actor_name")) == [
         ("token.create", "dana"), ("token.rotate", "dana")]
 
 
+def test_the_database_holds_the_keys_digest_never_the_key(client):
+    from django.db import connection
+
+    dana = person("dana", "viewer")
+    client.force_login(dana)
+    key = new_key(client.post("/accounts/profile/", {"action": "rotate", "password": PASSWORD}))
+
+    token = ApiToken.objects.get(user=dana)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM releases_apitoken")
+        rows = cursor.fetchall()
+        cursor.execute("SELECT details::text FROM releases_auditevent")
+        audit_details = " ".join(row[0] for row in cursor.fetchall())
+
+    assert token.digest == hashlib.sha256(key.encode()).hexdigest()
+    assert token.prefix == key[:6]
+    assert len(rows) == 1 and not any(key in str(value) for value in rows[0])
+    assert key not in audit_details and key[:6] in audit_details
+
+
+def test_the_key_authenticates_and_notes_when_it_was_used(release):
+    dana = User.objects.get(username="dana")
+    key = tokens.token_rotate(user=dana, actor=dana)
+
+    response = api_with(key).get(f"/api/releases/{release.pk}/")
+
+    assert response.status_code == 200
+    assert ApiToken.objects.get(user=dana).last_used is not None
+
+
+@pytest.mark.parametrize("header", ["Token 0123456789abcdef0123456789abcdef01234567", "Token", "Token a b", "Token é"])
+def test_a_wrong_or_malformed_key_is_a_json_401(release, header):
+    from rest_framework.test import APIClient
+
+    tokens.token_rotate(user=User.objects.get(username="dana"), actor=None)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=header)
+
+    response = client.get(f"/api/releases/{release.pk}/")
+
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == "Token"
+    assert response.json()["error"].startswith(("Invalid token", "Invalid token header"))
+
+
+def test_an_inactive_persons_key_is_refused(release):
+    dana = User.objects.get(username="dana")
+    key = tokens.token_rotate(user=dana, actor=dana)
+    dana.is_active = False
+    dana.save()
+
+    response = api_with(key).get(f"/api/releases/{release.pk}/")
+
+    assert response.status_code == 401
+    assert response.json() == {"error": "User inactive or deleted."}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_works_over_the_running_server_until_it_is_rotated(web_server):
+    import requests
+
+    dana = person("dana", "viewer")
+    old = tokens.token_rotate(user=dana, actor=dana)
+
+    def get(key):
+        return requests.get(f"{web_server}/api/environments/", headers={"Authorization": f"Token {key}"}, timeout=10)
+
+    before = get(old)
+    new = tokens.token_rotate(user=dana, actor=dana)
+    after_old, after_new = get(old), get(new)
+
+    assert before.status_code == 200 and before.json() == {"environments": []}
+    assert after_old.status_code == 401 and after_old.json() == {"error": "Invalid token."}
+    assert after_new.status_code == 200
+    assert ApiToken.objects.get(user=dana).last_used is not None
+
+
 def test_a_token_is_shown_in_full_only_once(client):
     dana = person("dana", "viewer")
     client.force_login(dana)
-    client.post("/accounts/profile/", {"action": "rotate", "password": PASSWORD})
-    key = Token.objects.get(user=dana).key
+    key = new_key(client.post("/accounts/profile/", {"action": "rotate", "password": PASSWORD}))
 
     later = client.get("/accounts/profile/").content.decode()
 
     assert key not in later
+    assert ApiToken.objects.get(user=dana).digest not in later
     assert key[:6] in later
 
 
@@ -311,12 +416,12 @@ def test_a_wrong_password_makes_no_token(client):
     response = client.post("/accounts/profile/", {"action": "rotate", "password": "nope"})
 
     assert b"That is not your password." in response.content
-    assert not Token.objects.exists()
+    assert not ApiToken.objects.exists()
 
 
 def test_a_person_revokes_their_token_and_it_stops_working(client, release):
     dana = User.objects.get(username="dana")
-    key = Token.objects.create(user=dana).key
+    key = tokens.token_rotate(user=dana, actor=dana)
     client.force_login(dana)
 
     response = client.post("/accounts/profile/", {"action": "revoke"}, follow=True)
@@ -332,37 +437,82 @@ def test_the_profile_page_is_linked_from_the_navigation(client):
     assert b'href="/accounts/profile/"' in client.get("/").content
 
 
-def test_the_admin_shows_no_token_in_full(client):
+def test_the_admin_shows_a_prefix_never_the_key_or_its_digest(client):
     root = User.objects.create_superuser("root", password=PASSWORD)
     dana = person("dana", "viewer")
-    key = Token.objects.create(user=dana).key
+    key = tokens.token_rotate(user=dana, actor=dana)
+    token = ApiToken.objects.get(user=dana)
+    api_with(key).get("/api/environments/")  # sets last_used
+    ravi = person("ravi", "viewer")
+    tokens.token_rotate(user=ravi, actor=ravi)
     client.force_login(root)
 
-    listing = client.get("/admin/authtoken/tokenproxy/")
-    detail = client.get(f"/admin/authtoken/tokenproxy/{dana.pk}/change/")
-    search = client.get("/admin/authtoken/tokenproxy/", {"q": key})
+    listing = client.get("/admin/releases/apitoken/")
+    detail = client.get(f"/admin/releases/apitoken/{token.pk}/change/")
+    by_key = client.get("/admin/releases/apitoken/", {"q": key})
+    by_prefix = client.get("/admin/releases/apitoken/", {"q": key[:6]})
+    by_name = client.get("/admin/releases/apitoken/", {"q": "dana"})
 
     assert listing.status_code == detail.status_code == 200
     for page in (listing, detail):
-        assert key not in page.content.decode()
-    assert b"0 results" in search.content  # the key is no search term: no oracle
-    assert key[:6] in listing.content.decode()
-    assert client.get("/admin/authtoken/tokenproxy/add/").status_code == 403
+        assert key not in page.content.decode() and token.digest not in page.content.decode()
+        assert key[:6] in page.content.decode()
+    assert "Last used" in listing.content.decode() and "Created" in listing.content.decode()
+    for search in (by_key, by_prefix):
+        assert b"0 results" in search.content  # no key, prefix or digest is a search term: no oracle
+    assert b"1 result" in by_name.content
+    assert client.get("/admin/releases/apitoken/add/").status_code == 403
 
 
 def test_a_token_revoked_in_the_admin_is_audited(client):
     root = User.objects.create_superuser("root", password=PASSWORD)
     dana = person("dana", "viewer")
-    key = Token.objects.create(user=dana).key
+    key = tokens.token_rotate(user=dana, actor=dana)
+    token = ApiToken.objects.get(user=dana)
     client.force_login(root)
 
-    confirm = client.get(f"/admin/authtoken/tokenproxy/{dana.pk}/delete/")
-    client.post(f"/admin/authtoken/tokenproxy/{dana.pk}/delete/", {"post": "yes"})
+    confirm = client.get(f"/admin/releases/apitoken/{token.pk}/delete/")
+    client.post(f"/admin/releases/apitoken/{token.pk}/delete/", {"post": "yes"})
 
-    assert key not in confirm.content.decode()
-    assert not Token.objects.filter(user=dana).exists()
-    assert not LogEntry.objects.filter(object_repr__contains=key).exists()
+    assert key[:6] in confirm.content.decode() and token.digest not in confirm.content.decode()
+    assert not ApiToken.objects.filter(user=dana).exists()
+    assert not LogEntry.objects.filter(object_repr__contains=token.digest).exists()
+    assert api_with(key).get("/api/environments/").status_code == 401
     assert AuditEvent.objects.filter(action="token.revoke", actor_name="root", target="dana").exists()
+
+
+def test_tokens_deleted_in_bulk_in_the_admin_are_each_revoked_and_audited(client):
+    root = User.objects.create_superuser("root", password=PASSWORD)
+    for name in ("dana", "ravi"):
+        user = person(name, "viewer")
+        tokens.token_rotate(user=user, actor=user)
+    client.force_login(root)
+
+    client.post("/admin/releases/apitoken/", {"action": "delete_selected", "post": "yes",
+                                              "_selected_action": list(ApiToken.objects.values_list("pk", flat=True))})
+
+    assert not ApiToken.objects.exists()
+    assert sorted(AuditEvent.objects.filter(action="token.revoke", actor_name="root").values_list("target", flat=True)) == [
+        "dana", "ravi"]
+
+
+def test_the_create_token_command_prints_a_working_key_and_replaces_the_old_one(release):
+    from django.core.management import CommandError, call_command
+
+    dana = User.objects.get(username="dana")
+    old = tokens.token_rotate(user=dana, actor=dana)
+    out = io.StringIO()
+
+    call_command("create_token", "dana", stdout=out)
+    key = out.getvalue().strip()
+
+    assert re.fullmatch(r"[0-9a-f]{40}", key)
+    assert api_with(key).get(f"/api/releases/{release.pk}/").status_code == 200
+    assert api_with(old).get(f"/api/releases/{release.pk}/").status_code == 401
+    event = AuditEvent.objects.filter(action="token.rotate").latest("seq")
+    assert (event.actor_name, event.target, event.details["prefix"]) == ("greenlight", "dana", f"{key[:6]}…")
+    with pytest.raises(CommandError, match="there is no user 'nobody'"):
+        call_command("create_token", "nobody")
 
 
 def api_with(key: str):
