@@ -141,7 +141,8 @@ def test_no_secret_printed_by_a_release_reaches_the_database_api_websocket_or_pa
     environment = services.environment_import_sandbox(info=release_sandbox.info)
     secrets = [ENV_SECRET, ENV_KEY_ID, TOKEN, SECRET_KEY]  # the boto3 error names the first; the step error, the last
     leakfile = tmp_path / "leak"
-    leakfile.write_text("\n".join(secrets) + "\n")
+    url_password = f"pw{os.urandom(8).hex()}"  # a secret nobody told Greenlight of, in a URL
+    leakfile.write_text("\n".join([*secrets[:-1], f"postgres://app:{url_password}@db:5432/app", secrets[-1]]) + "\n")
     script = tmp_path / "boto_error.py"
     script.write_text(BOTO)
     definition = {
@@ -192,6 +193,7 @@ def test_no_secret_printed_by_a_release_reaches_the_database_api_websocket_or_pa
         assert "leak-remote" in text, f"{where} shows no log"
         for secret in [*secrets, key]:
             assert leaks(text, secret.encode()) == [], f"{where} shows a secret"
+        assert url_password not in text, f"{where} shows a URL's password"
 
 
 async def _replay(connect, release_id, *headers) -> list:
