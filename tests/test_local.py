@@ -3,7 +3,6 @@
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -18,12 +17,9 @@ class Lines:
 
     def __init__(self):
         self.lines: list[tuple[str, str]] = []
-        self.started = threading.Event()
 
     def __call__(self, stream: str, text: str) -> None:
         self.lines.append((stream, text))
-        if text.startswith("pid "):
-            self.started.set()
 
     @property
     def pids(self) -> list[int]:
@@ -82,7 +78,7 @@ def test_a_cancel_ends_the_command_and_the_grandchild_it_started():
     lines = Lines()
 
     with pytest.raises(Cancelled, match="command cancelled on the worker"):
-        local.run(SLEEPERS, timeout=60, on_line=lines, cancelled=lines.started.is_set)
+        local.run(SLEEPERS, timeout=60, on_line=lines, cancelled=lambda: len(lines.pids) == 2)
 
     assert len(lines.pids) == 2
     assert not [pid for pid in lines.pids if running(pid)]
@@ -256,7 +252,7 @@ def test_a_cancel_ends_every_process_of_a_command_run_as_another_user():
     lines = Lines()
 
     with pytest.raises(Cancelled):
-        local.run_in_scratch(SLEEPERS, user="nobody", timeout=60, on_line=lines, cancelled=lines.started.is_set)
+        local.run_in_scratch(SLEEPERS, user="nobody", timeout=60, on_line=lines, cancelled=lambda: len(lines.pids) == 2)
 
     assert len(lines.pids) == 2
     assert not [pid for pid in lines.pids if running(pid)]
