@@ -3,6 +3,8 @@ FROM python:3.11-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git openssh-client \
  && rm -rf /var/lib/apt/lists/*
+# recipes' local tasks run as this user (LOCAL_TASK_USER), not as the worker
+RUN useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin greenlight-task
 WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt

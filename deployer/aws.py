@@ -39,6 +39,7 @@ class Account:
     access_key_id: str | None = None  # None means boto3's default chain
     secret_access_key: str | None = None
     profile: str | None = None
+    session_token: str | None = None  # with temporary keys
 
     def __repr__(self) -> str:  # never print the keys
         return f"Account(region={self.region!r}, endpoint_url={self.endpoint_url!r})"
@@ -46,7 +47,8 @@ class Account:
     @classmethod
     def from_reference(cls, region: str, endpoint_url: str, credentials: str) -> Account:
         """Credentials are a reference, resolved on the worker, never stored keys:
-        "" (boto3's default chain), "profile:NAME", "env:PREFIX", or "sandbox"."""
+        "" (boto3's default chain), "profile:NAME", "env:PREFIX" (PREFIX_ACCESS_KEY_ID,
+        PREFIX_SECRET_ACCESS_KEY and, for temporary keys, PREFIX_SESSION_TOKEN), or "sandbox"."""
         kind, _, value = credentials.partition(":")
         endpoint = endpoint_url or None
         if not credentials:
@@ -58,7 +60,7 @@ class Account:
             secret = os.environ.get(f"{value}_SECRET_ACCESS_KEY")
             if not key_id or not secret:
                 raise AdapterError(f"{value}_ACCESS_KEY_ID and {value}_SECRET_ACCESS_KEY are not set on this worker")
-            return cls(region, endpoint, key_id, secret)
+            return cls(region, endpoint, key_id, secret, session_token=os.environ.get(f"{value}_SESSION_TOKEN") or None)
         if credentials == "sandbox":
             return cls(region, endpoint, *SANDBOX_CREDENTIALS)
         raise AdapterError(f"unknown credentials reference {credentials!r}")
@@ -71,14 +73,22 @@ def credential_values(account: Account) -> list[str]:
     among the worker's own secrets anyway."""
     if account.profile:
         try:
-            credentials = boto3.session.Session(profile_name=account.profile).get_credentials()
+            return [v for v in _profile_keys(account.profile) if v]
         except Exception:  # a profile that does not resolve fails the first call, with the reason
             return []
-        if credentials is None:
-            return []
-        frozen = credentials.get_frozen_credentials()
-        return [v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v]
-    return [v for v in (account.access_key_id, account.secret_access_key) if v]
+    return [v for v in (account.access_key_id, account.secret_access_key, account.session_token) if v]
+
+
+def _profile_keys(profile: str) -> tuple[str, str, str | None]:
+    """What a named profile resolves to on this worker: key id, secret, session token."""
+    try:
+        found = boto3.session.Session(profile_name=profile).get_credentials()
+        frozen = found.get_frozen_credentials() if found else None
+    except BotoCoreError as exc:
+        raise _error(exc, f"reading the credentials of profile {profile}") from None
+    if not frozen or not frozen.access_key or not frozen.secret_key:
+        raise AdapterError(f"profile {profile} has no credentials on this worker")
+    return frozen.access_key, frozen.secret_key, frozen.token
 
 
 def client(account: Account, service: str):
@@ -89,8 +99,31 @@ def client(account: Account, service: str):
         endpoint_url=account.endpoint_url,
         aws_access_key_id=account.access_key_id,
         aws_secret_access_key=account.secret_access_key,
+        aws_session_token=account.session_token,
         config=_CONFIG,
     )
+
+
+def task_environment(account: Account) -> dict[str, str]:
+    """The variables a recipe's local task that declares `"aws": true` gets:
+    the account's own keys, region and endpoint, resolved here on the worker.
+
+    Never the worker's own credentials: an account on boto3's default chain
+    (the worker's environment, its ~/.aws, its instance role) is refused, and
+    a profile is resolved to its keys, so the task needs no file of ours."""
+    if account.profile:
+        key_id, secret, token = _profile_keys(account.profile)
+    elif account.access_key_id and account.secret_access_key:
+        key_id, secret, token = account.access_key_id, account.secret_access_key, account.session_token
+    else:
+        raise AdapterError("a task that declares aws gets the environment's own credentials, and this environment uses "
+                           "the worker's default credential chain: give it a credentials reference (profile:NAME or env:PREFIX)")
+    variables = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": account.region}
+    if token:
+        variables["AWS_SESSION_TOKEN"] = token
+    if account.endpoint_url:
+        variables["AWS_ENDPOINT_URL"] = account.endpoint_url
+    return variables
 
 
 def _error(exc: Exception, doing: str) -> AdapterError:
@@ -172,6 +205,7 @@ class Cloud:
         target_group_arn: str = "",
         on_mutation: Mutation | None = None,
     ):
+        self.account = account
         self.ec2 = client(account, "ec2")
         self.elb = client(account, "elb") if load_balancer_name else None
         self.elbv2 = client(account, "elbv2") if target_group_arn else None

@@ -34,22 +34,49 @@ KILL_WAIT_SECONDS = 5.0  # for the kernel to take SIGKILLed processes away
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-def scratch_environment(scratch: str) -> dict[str, str]:
+def task_user(name: str) -> pwd.struct_passwd | None:
+    """The account a recipe's local commands run as: `name`'s, or None for the
+    worker's own (`name` empty). Raises AdapterError when the worker cannot
+    run them as `name`: a task never falls back to the worker's user."""
+    if not name:
+        return None
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise AdapterError(f"local tasks are to run as {name!r} (LOCAL_TASK_USER), which is not a user on this worker") from None
+    if account.pw_uid == 0:
+        raise AdapterError(f"local tasks are to run as {name!r} (LOCAL_TASK_USER), which is root: name an unprivileged user")
+    if os.geteuid() not in (0, account.pw_uid):
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        raise AdapterError(f"local tasks are to run as {name!r} (LOCAL_TASK_USER), but the worker runs as {me!r}, "
+                           "not root, so it cannot switch to that user")
+    return account
+
+
+def scratch_environment(scratch: str, user: pwd.struct_passwd | None = None) -> dict[str, str]:
     """All a recipe's local command gets of the worker's environment: no
     SECRET_KEY, no database, Redis or Celery URL, no AWS credentials."""
-    user = pwd.getpwuid(os.getuid()).pw_name
+    name = user.pw_name if user else pwd.getpwuid(os.getuid()).pw_name
     return {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "HOME": scratch, "LANG": os.environ.get("LANG") or "C.UTF-8",
-            "USER": user, "LOGNAME": user}
+            "USER": name, "LOGNAME": name}
 
 
-def run_in_scratch(command: str, **options) -> int:
+def run_in_scratch(command: str, *, user: str = "", extra_env: dict[str, str] | None = None, **options) -> int:
     """`run` a recipe's command in a fresh directory outside the project
-    (removed after), with `scratch_environment`: a recipe is data a person
-    typed, and the worker's directory holds var/secret_key and its
-    environment every other secret."""
-    scratch = tempfile.mkdtemp(prefix="greenlight-task-")
+    (removed after), with `scratch_environment` plus `extra_env`: a recipe is
+    data a person typed, and the worker's directory holds var/secret_key and
+    its environment every other secret. With `user` (LOCAL_TASK_USER) the
+    command runs as that user and its primary group only, and the directory
+    is that user's."""
+    account = task_user(user)
+    scratch = tempfile.mkdtemp(prefix="greenlight-task-")  # mode 0700: only its owner enters
     try:
-        return run(command, cwd=scratch, env=scratch_environment(scratch), **options)
+        switch = {}
+        if account and account.pw_uid != os.geteuid():
+            os.chown(scratch, account.pw_uid, account.pw_gid)
+            switch = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        env = {**scratch_environment(scratch, account), **(extra_env or {})}
+        return run(command, cwd=scratch, env=env, **switch, **options)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -62,6 +89,9 @@ def run(
     cancelled: Callable[[], bool] | None = None,
     cwd: str | None = None,
     env: dict | None = None,
+    user: int | None = None,
+    group: int | None = None,
+    extra_groups: list[int] | None = None,
 ) -> int:
     """Run `/bin/sh -c command` on the worker; return its exit status.
 
@@ -69,6 +99,8 @@ def run(
     Raises AdapterError when it outlives `timeout` seconds and Cancelled when
     `cancelled()` turns true, each only after the whole group has ended; a
     non-zero exit is a status, not an error, so the caller decides.
+    `user`, `group` and `extra_groups` (ids) switch the command's identity
+    before it starts, which takes a root worker.
     """
     process = subprocess.Popen(
         ["/bin/sh", "-c", command],
@@ -78,6 +110,9 @@ def run(
         start_new_session=True,  # its own process group, so it can be ended as a whole
         cwd=cwd,
         env=env,
+        user=user,
+        group=group,
+        extra_groups=extra_groups,
     )
     pipes = _Pipes(process, on_line)
     try:

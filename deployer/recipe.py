@@ -19,6 +19,9 @@ SSH on every host of the role; a *local* task runs on the worker once per
 host. A task may set `timeout`, the seconds each of its commands may take
 (a whole number from 1 to 86400: a cookbook run may need far longer than a
 `git checkout`); without one, the environment's command timeout applies.
+A local task gets no AWS credentials unless it declares `"aws": true`; then
+it gets the environment's own (never the worker's), for a tool that calls
+AWS itself.
 Templates may use only the recipe's declared parameters and the built-ins
 below, and every value is shell-quoted when it is filled in, so a parameter
 can never add a command.
@@ -46,7 +49,7 @@ BUILTIN_PARAMS = frozenset(
     }
 )
 RUN_KINDS = ("remote", "local")
-TASK_KEYS = frozenset({"run", "commands", "timeout"})
+TASK_KEYS = frozenset({"run", "commands", "timeout", "aws"})
 MAX_TIMEOUT = 86400  # a day: longer is a command that hangs, not one that works
 
 
@@ -60,6 +63,7 @@ class Command:
     run: str  # "remote" or "local"
     text: str  # the rendered, quoted shell command
     timeout: int | None = None  # seconds; None: the environment's command timeout
+    aws: bool = False  # a local task that gets the environment's AWS credentials
 
 
 def template_fields(template: str) -> list[str]:
@@ -116,13 +120,17 @@ def validate(recipe: object) -> dict:
         raise RecipeError("tasks maps task names to {run, commands}")
     for name, task in tasks.items():
         if not isinstance(task, dict):
-            raise RecipeError(f"task {name}: expected {{run, commands, timeout}}")
+            raise RecipeError(f"task {name}: expected {{run, commands, timeout, aws}}")
         if unknown := set(task) - TASK_KEYS:
-            raise RecipeError(f"task {name}: unknown keys {', '.join(sorted(unknown))} (a task has run, commands, timeout)")
+            raise RecipeError(f"task {name}: unknown keys {', '.join(sorted(unknown))} (a task has run, commands, timeout, aws)")
         if task.get("run", "remote") not in RUN_KINDS:
             raise RecipeError(f"task {name}: run must be remote or local")
         if "timeout" in task and not valid_timeout(task["timeout"]):
             raise RecipeError(f"task {name}: timeout is a whole number of seconds from 1 to {MAX_TIMEOUT}")
+        if "aws" in task and not isinstance(task["aws"], bool):
+            raise RecipeError(f"task {name}: aws is true or false")
+        if task.get("aws") and task.get("run", "remote") != "local":
+            raise RecipeError(f"task {name}: aws is for local tasks (a remote task runs on the instance, with its own role)")
         commands = task.get("commands")
         if not isinstance(commands, list) or not commands or not all(isinstance(c, str) and c.strip() for c in commands):
             raise RecipeError(f"task {name}: commands is a non-empty list of strings")
@@ -155,5 +163,6 @@ def render(recipe: dict, phase: str, values: dict, role: str = "") -> list[Comma
             missing = [f for f in template_fields(template) if f not in quoted]
             if missing:
                 raise RecipeError(f"task {task_name}: no value for {', '.join(missing)}")
-            commands.append(Command(task_name, task.get("run", "remote"), template.format(**quoted), task.get("timeout")))
+            commands.append(Command(task_name, task.get("run", "remote"), template.format(**quoted), task.get("timeout"),
+                                    task.get("aws", False)))
     return commands

@@ -5,6 +5,7 @@ Everything that differs between machines comes from environment variables
 laptop with nothing configured. The README lists every variable.
 """
 
+import os
 import secrets
 from pathlib import Path
 
@@ -24,15 +25,33 @@ def _secret_key() -> str:
         return key
     # Generated once and kept under var/ so sessions survive restarts without
     # anyone having to invent a key for a demo.
-    path = VAR_DIR / "secret_key"
+    return secret_key_file(VAR_DIR / "secret_key")
+
+
+def secret_key_file(path: Path) -> str:
+    """The key in `path`, created with mode 0600 if missing. A file others may
+    read is made 0600 first: local tasks may run as another user of this
+    machine (LOCAL_TASK_USER), and the key signs every session."""
     try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
         return path.read_text().strip()
     except FileNotFoundError:
-        VAR_DIR.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(50)
-        path.touch(mode=0o600)
-        path.write_text(key)
-        return key
+        pass
+    # a directory of our own: it also holds the demo's database and the sandbox's keys
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # written whole under another name, 0600 from the start whatever the umask,
+    # then linked in place: a process starting at the same time reads one key
+    draft = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    with os.fdopen(os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(secrets.token_urlsafe(50))
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass  # another process won
+    finally:
+        draft.unlink()
+    return path.read_text().strip()
 
 
 SECRET_KEY = _secret_key()
@@ -229,6 +248,11 @@ WHITENOISE_USE_FINDERS = True
 # Repositories at file:// URLs read the server's own disk: only the sandbox
 # (`make demo`, the tests) needs them. Off by default.
 ALLOW_FILE_REPOSITORIES = env.bool("ALLOW_FILE_REPOSITORIES", default=False)
+
+# The system user a recipe's local tasks run as (with its primary group only);
+# empty: the worker's own user. Switching takes a worker running as root; a
+# worker that cannot switch fails the step rather than run the task as itself.
+LOCAL_TASK_USER = env.str("LOCAL_TASK_USER", default="")
 
 # The sandbox writes its endpoints here (`manage.py sandbox`).
 SANDBOX_FILE = VAR_DIR / "sandbox.json"

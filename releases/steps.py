@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
@@ -334,7 +335,10 @@ def run_command(ctx: Context, row: Instance, command: recipe.Command, timeout: f
 
     try:
         if command.run == "local":
-            status = local.run_in_scratch(command.text, timeout=timeout, on_line=on_line, cancelled=ctx.cancelled)
+            # the environment's own AWS credentials only for a task that declares it calls AWS
+            credentials = aws.task_environment(ctx.cloud.account) if command.aws else None
+            status = local.run_in_scratch(command.text, user=settings.LOCAL_TASK_USER, extra_env=credentials,
+                                          timeout=timeout, on_line=on_line, cancelled=ctx.cancelled)
         else:
             status = ssh.run(target(ctx, row), command.text, timeout=timeout, on_line=on_line, cancelled=ctx.cancelled).exit_status
     except CommandCancelled:

@@ -50,3 +50,30 @@ def test_credentials_are_references_and_never_printed(monkeypatch):
         aws.Account.from_reference("us-west-1", "", "env:MISSING")
     with pytest.raises(AdapterError, match="unknown credentials reference"):
         aws.Account.from_reference("us-west-1", "", "AKIAEXAMPLE:secret")
+
+
+def test_a_profile_reference_gives_a_task_that_profile_s_keys_and_never_the_worker_s(tmp_path, monkeypatch):
+    (tmp_path / "credentials").write_text("[deploy]\naws_access_key_id = AKIDPROFILE000000001\n"
+                                          "aws_secret_access_key = profile-secret-0123456789\naws_session_token = profile-token-0123\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDWORKER0000000001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret-0123456789")
+
+    variables = aws.task_environment(aws.Account.from_reference("eu-west-1", "", "profile:deploy"))
+
+    assert variables == {"AWS_ACCESS_KEY_ID": "AKIDPROFILE000000001", "AWS_SECRET_ACCESS_KEY": "profile-secret-0123456789",
+                         "AWS_SESSION_TOKEN": "profile-token-0123", "AWS_DEFAULT_REGION": "eu-west-1"}
+
+
+def test_a_profile_the_worker_does_not_have_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+
+    with pytest.raises(AdapterError, match="reading the credentials of profile nowhere: .*nowhere"):
+        aws.task_environment(aws.Account.from_reference("eu-west-1", "", "profile:nowhere"))
+
+
+def test_the_default_chain_is_never_a_task_s():
+    with pytest.raises(AdapterError, match="uses the worker's default credential chain"):
+        aws.task_environment(aws.Account.from_reference("eu-west-1", "", ""))

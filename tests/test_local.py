@@ -1,8 +1,10 @@
 """Local commands: streamed output, and nothing they start outlives them."""
 
 import os
-import threading
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,12 +17,9 @@ class Lines:
 
     def __init__(self):
         self.lines: list[tuple[str, str]] = []
-        self.started = threading.Event()
 
     def __call__(self, stream: str, text: str) -> None:
         self.lines.append((stream, text))
-        if text.startswith("pid "):
-            self.started.set()
 
     @property
     def pids(self) -> list[int]:
@@ -79,7 +78,7 @@ def test_a_cancel_ends_the_command_and_the_grandchild_it_started():
     lines = Lines()
 
     with pytest.raises(Cancelled, match="command cancelled on the worker"):
-        local.run(SLEEPERS, timeout=60, on_line=lines, cancelled=lines.started.is_set)
+        local.run(SLEEPERS, timeout=60, on_line=lines, cancelled=lambda: len(lines.pids) == 2)
 
     assert len(lines.pids) == 2
     assert not [pid for pid in lines.pids if running(pid)]
@@ -187,3 +186,111 @@ def test_a_recipe_s_local_task_sees_no_secret_and_runs_outside_the_project(monke
     assert names <= {"PATH", "HOME", "LANG", "USER", "LOGNAME", "PWD", "SHLVL", "_"}, names
     assert f"HOME={cwd}" in output
     assert not cwd.startswith(str(project)) and not os.path.exists(cwd), "the scratch directory is removed after"
+
+
+# -- LOCAL_TASK_USER: another user of the machine -----------------------------
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users takes root")
+
+
+@pytest.fixture
+def worker_secret_key():
+    """The worker's secret key, written as settings writes it, in a directory others may enter
+    (as the project's var/ may be), so only the file's own mode keeps it."""
+    from deployer.settings import secret_key_file
+
+    directory = tempfile.mkdtemp(prefix="greenlight-var-")
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, "secret_key")
+    key = secret_key_file(Path(path))
+    yield path, key
+    shutil.rmtree(directory)
+
+
+@as_root
+@pytest.mark.parametrize("user, uid, key_readable", [("nobody", 65534, False), ("", os.geteuid(), True)])
+def test_a_local_task_runs_as_the_configured_user_who_cannot_read_the_worker_s_secret_key(
+        worker_secret_key, user, uid, key_readable):
+    path, key = worker_secret_key
+    lines = Lines()
+
+    status = local.run_in_scratch(f"id -u; id -g; id -G; echo HOME=$HOME USER=$USER; stat -c 'owner=%u mode=%a' .; cat {path}",
+                                  user=user, timeout=30, on_line=lines)
+
+    out = [text for stream, text in lines.lines if stream == "stdout"]
+    err = [text for stream, text in lines.lines if stream == "stderr"]
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert out[0] == str(uid)
+    if user:  # its primary group, and no other: not the worker's groups
+        assert out[1:3] == ["65534", "65534"]
+    home = out[3].split()[0][5:]
+    assert home.startswith(os.path.join(os.path.realpath(tempfile.gettempdir()), "greenlight-task-"))
+    assert out[3].split()[1] == f"USER={user or 'root'}"
+    assert out[4] == f"owner={uid} mode=700"
+    if key_readable:
+        assert status == 0 and out[5] == key
+    else:
+        assert status != 0
+        assert err == [f"cat: {path}: Permission denied"]
+        assert key not in "\n".join(text for _, text in lines.lines)
+    assert not os.path.exists(home), "the scratch directory is removed after, whoever owned its files"
+
+
+@as_root
+def test_a_timeout_ends_every_process_of_a_command_run_as_another_user():
+    lines = Lines()
+
+    with pytest.raises(AdapterError, match="timed out"):
+        local.run_in_scratch(SLEEPERS, user="nobody", timeout=0.5, on_line=lines)
+
+    assert len(lines.pids) == 2
+    assert not [pid for pid in lines.pids if running(pid)]
+
+
+@as_root
+def test_a_cancel_ends_every_process_of_a_command_run_as_another_user():
+    lines = Lines()
+
+    with pytest.raises(Cancelled):
+        local.run_in_scratch(SLEEPERS, user="nobody", timeout=60, on_line=lines, cancelled=lambda: len(lines.pids) == 2)
+
+    assert len(lines.pids) == 2
+    assert not [pid for pid in lines.pids if running(pid)]
+
+
+def test_a_user_that_does_not_exist_fails_the_task_before_it_runs():
+    with pytest.raises(AdapterError, match=r"local tasks are to run as 'no-such-greenlight-user' \(LOCAL_TASK_USER\), "
+                                           r"which is not a user on this worker"):
+        local.run_in_scratch("touch /tmp/greenlight-ran", user="no-such-greenlight-user", timeout=10)
+
+
+def test_root_is_no_task_user():
+    with pytest.raises(AdapterError, match="which is root: name an unprivileged user"):
+        local.run_in_scratch("true", user="root", timeout=10)
+
+
+@as_root
+def test_a_worker_that_is_not_root_refuses_to_run_the_task_as_itself(tmp_path):
+    os.chmod(tmp_path, 0o777)
+    marker = tmp_path / "ran"
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the worker itself as nobody, asked to run a task as daemon
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            local.run_in_scratch(f"touch {marker}", user="daemon", timeout=10)
+            os.write(write, b"it ran")
+        except BaseException as exc:
+            os.write(write, str(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        said = answer.read()
+    os.waitpid(child, 0)
+
+    assert said == ("local tasks are to run as 'daemon' (LOCAL_TASK_USER), but the worker runs as 'nobody', "
+                    "not root, so it cannot switch to that user")
+    assert not marker.exists()

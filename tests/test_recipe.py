@@ -116,5 +116,37 @@ def test_it_names_an_unknown_task_key():
     recipe = recipe_with("true")
     recipe["tasks"]["deploy:update"]["timout"] = 60
 
-    with pytest.raises(RecipeError, match=r"deploy:update: unknown keys timout \(a task has run, commands, timeout\)"):
+    with pytest.raises(RecipeError, match=r"deploy:update: unknown keys timout \(a task has run, commands, timeout, aws\)"):
+        validate(recipe)
+
+
+def test_a_local_task_that_declares_aws_says_so_on_its_commands():
+    recipe = recipe_with("aws s3 ls", "true")
+    recipe["tasks"]["deploy:update"].update(run="local", aws=True)
+
+    commands = render(validate(recipe), "deploy", {})
+
+    assert [c.aws for c in commands] == [True, True]
+
+
+def test_a_task_that_declares_nothing_gets_no_aws():
+    [command] = render(validate(recipe_with("true")), "deploy", {})
+
+    assert command.aws is False
+
+
+@pytest.mark.parametrize("value", ["true", 1, None, "yes"])
+def test_aws_is_true_or_false(value):
+    recipe = recipe_with("true")
+    recipe["tasks"]["deploy:update"].update(run="local", aws=value)
+
+    with pytest.raises(RecipeError, match="deploy:update: aws is true or false"):
+        validate(recipe)
+
+
+def test_a_remote_task_cannot_declare_aws():
+    recipe = recipe_with("true")
+    recipe["tasks"]["deploy:update"]["aws"] = True
+
+    with pytest.raises(RecipeError, match=r"deploy:update: aws is for local tasks \(a remote task runs on the instance"):
         validate(recipe)

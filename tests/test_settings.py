@@ -57,6 +57,23 @@ def test_a_secret_key_is_generated_once_kept_private_and_reused(tmp_path):
     assert stat.S_IMODE((tmp_path / "secret_key").stat().st_mode) == 0o600
 
 
+def test_a_new_var_directory_is_the_worker_s_own(tmp_path):
+    settings_with({"GREENLIGHT_VAR_DIR": str(tmp_path / "var")})
+
+    assert stat.S_IMODE((tmp_path / "var").stat().st_mode) == 0o700
+    assert [p.name for p in (tmp_path / "var").iterdir()] == ["secret_key"], "no draft left behind"
+
+
+def test_a_secret_key_file_others_could_read_is_made_private(tmp_path):
+    (tmp_path / "secret_key").write_text("an-old-key-from-before-" + "x" * 40)
+    (tmp_path / "secret_key").chmod(0o644)
+
+    settings = settings_with({"GREENLIGHT_VAR_DIR": str(tmp_path)})
+
+    assert settings["secret"] == "an-old-key-from-before-" + "x" * 40
+    assert stat.S_IMODE((tmp_path / "secret_key").stat().st_mode) == 0o600
+
+
 def test_the_environment_overrides_the_defaults(tmp_path):
     settings = settings_with(
         {
