@@ -269,6 +269,11 @@ def _start(request, data: dict, environment: Environment):
     except services.ServiceError as exc:
         messages.error(request, str(exc))
         return redirect(f"{reverse('release_new')}?step=review")
+    except OperationalError as exc:
+        if not services.lost_race(exc):
+            raise
+        messages.error(request, services.LOST_RACE)
+        return redirect(f"{reverse('release_new')}?step=review")
     request.session.pop(WIZARD, None)
     messages.success(request, f"Release #{release.pk} started.")
     return redirect("release", release_id=release.pk)

@@ -395,6 +395,19 @@ def test_twenty_cancels_at_once_cancel_once_and_answer_200_or_409(racing_server,
     assert len(read(racing_server, race["dana"], "/api/audit/", action="release.cancel", release=release_id)["events"]) == 1
 
 
+@race_db
+def test_a_body_over_the_limit_is_json_from_daphne_too(racing_server, race):
+    body = b'{"comment": "' + b"x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10) + b'"}'
+
+    response = requests.post(f"{racing_server['url']}/api/releases/{race['releases']['approve']}/gates/verify_directly/approve",
+                             data=body, headers={"Authorization": f"Token {race['ravi']}", "Content-Type": "application/json"},
+                             timeout=60)
+
+    assert response.status_code == 413
+    assert "DATA_UPLOAD_MAX_MEMORY_SIZE" in response.json()["error"]
+    assert read(racing_server, race["ravi"], f"/api/releases/{race['releases']['approve']}/")["gates"][0]["decisions"] == []
+
+
 # -- 5. a long comment on the page is refused, keeping what was typed ------------------------------
 
 
