@@ -119,6 +119,16 @@ DATABASES = {
         "DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'greenlight.sqlite3'}"
     ),
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The demo's SQLite serves the web server and a worker at once. A write
+    # transaction takes the lock when it begins (IMMEDIATE), so two never
+    # deadlock upgrading a read lock, and waits up to SQLITE_TIMEOUT seconds
+    # for it; WAL lets pages read while someone writes.
+    DATABASES["default"].setdefault("OPTIONS", {}).update({
+        "timeout": env.float("SQLITE_TIMEOUT", default=20.0),
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    })
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")

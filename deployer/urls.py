@@ -12,3 +12,9 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("", include("releases.urls")),
 ]
+
+# JSON under /api/, pages elsewhere (deployer/handlers.py)
+handler400 = "deployer.handlers.bad_request"
+handler403 = "deployer.handlers.permission_denied"
+handler404 = "deployer.handlers.page_not_found"
+handler500 = "deployer.handlers.server_error"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from django.utils.dateparse import parse_datetime
+from django.core.exceptions import RequestDataTooBig
 from rest_framework import exceptions
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from . import permissions, selectors, services
+from deployer import handlers
+
+from . import params, permissions, selectors, services
 from .models import Environment, Release
 
 AUDIT_PAGE = 100
@@ -18,6 +20,12 @@ def exception_handler(exc, context):
     """Every error is {"error": "..."}: ours, DRF's and Django's alike."""
     if isinstance(exc, services.ServiceError):
         return Response({"error": str(exc), **exc.details}, status=exc.status)
+    if services.lost_race(exc):
+        return Response({"error": services.LOST_RACE}, status=409)
+    if isinstance(exc, RequestDataTooBig):
+        return Response({"error": handlers.too_big()}, status=413)
+    if isinstance(exc, RecursionError):  # a body of "[[[[..." deeper than the JSON parser goes
+        return Response({"error": "the body is nested too deeply to read"}, status=400)
     response = drf_exception_handler(exc, context)
     if response is not None:
         detail = response.data.get("detail", response.data) if isinstance(response.data, dict) else response.data
@@ -32,12 +40,24 @@ def client_ip(request) -> str | None:
 def _body(request) -> dict:
     if not isinstance(request.data, dict):
         raise services.BadInput("the body must be a JSON object")
+    for name, value in request.data.items():
+        if not params.storable(name):
+            raise services.BadInput("a field name holds a NUL or lone surrogate character", field=params.printable_name(name))
+        if isinstance(value, str):
+            params.text(value, name)
     return request.data
 
 
 def _viewer(request) -> None:
     if not permissions.can_view(request.user):
         raise exceptions.PermissionDenied("reading needs the viewer, deployer or approver role")
+
+
+def _may(check, what: str, request) -> None:
+    """The role first, then the release: a person without it learns nothing
+    about which releases exist (the same 403 for every id)."""
+    if not check(request.user):
+        raise services.NotAllowed(what)
 
 
 def _release(release_id: int) -> Release:
@@ -55,6 +75,7 @@ def environment_list(request):
 
 @api_view(["POST"])
 def release_create(request):
+    _may(permissions.can_deploy, "starting a release needs the deployer role", request)
     body = _body(request)
     unknown = set(body) - {"environment", "revision", "strategy", "clone_count"}
     if unknown:
@@ -90,13 +111,14 @@ def release_detail(request, release_id: int):
 
 def _comment(request) -> str:
     comment = _body(request).get("comment", "")
-    if not isinstance(comment, str) or len(comment) > 2000:
-        raise services.BadInput("comment is text of at most 2000 characters", field="comment")
+    if not isinstance(comment, str) or len(comment) > services.COMMENT_LIMIT:
+        raise services.BadInput(f"comment is text of at most {services.COMMENT_LIMIT} characters", field="comment")
     return comment
 
 
 @api_view(["POST"])
 def gate_approve(request, release_id: int, key: str):
+    _may(permissions.can_approve, "deciding a gate needs the approver role", request)
     release = _release(release_id)
     services.gate_approve(release=release, key=key, actor=request.user, comment=_comment(request), source_ip=client_ip(request))
     return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
@@ -104,6 +126,7 @@ def gate_approve(request, release_id: int, key: str):
 
 @api_view(["POST"])
 def gate_reject(request, release_id: int, key: str):
+    _may(permissions.can_approve, "deciding a gate needs the approver role", request)
     release = _release(release_id)
     services.gate_reject(release=release, key=key, actor=request.user, comment=_comment(request), source_ip=client_ip(request))
     return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
@@ -112,12 +135,15 @@ def gate_reject(request, release_id: int, key: str):
 def _action(service):
     @api_view(["POST"])
     def view(request, release_id: int):
+        _may(permissions.can_deploy, f"{ACTION_VERBS[service]} needs the deployer role", request)
         service(release=_release(release_id), actor=request.user, source_ip=client_ip(request))
         return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
 
     return view
 
 
+ACTION_VERBS = {services.release_cancel: "cancelling a release", services.release_retry: "retrying a release",
+                services.release_rollback: "rolling back"}
 release_cancel = _action(services.release_cancel)
 release_retry = _action(services.release_retry)
 release_rollback = _action(services.release_rollback)
@@ -127,31 +153,21 @@ release_rollback = _action(services.release_rollback)
 def release_logs(request, release_id: int):
     _viewer(request)
     _release(release_id)
-    try:
-        after = int(request.query_params.get("after", 0))
-        limit = int(request.query_params.get("limit", selectors.LOG_PAGE))
-    except ValueError:
-        raise services.BadInput("after and limit are whole numbers") from None
+    after = params.whole_number(request.query_params.get("after"), "after", default=0)
+    # more than a page is asked for in pages: `next` says where the next one starts
+    limit = params.whole_number(request.query_params.get("limit"), "limit", default=selectors.LOG_PAGE, minimum=1)
     return Response(selectors.log_lines(release_id, after=after, limit=limit))
 
 
 @api_view(["GET"])
 def audit_list(request):
     _viewer(request)
-    params = request.query_params
-    dates = {}
-    for name in ("since", "until"):
-        if value := params.get(name):
-            dates[name] = parse_datetime(value)
-            if dates[name] is None:
-                raise services.BadInput(f"{name} is an ISO 8601 time, like 2026-11-29T10:00:00Z", field=name)
-    try:
-        release = int(params["release"]) if params.get("release") else None
-        offset = int(params.get("offset", 0))
-    except ValueError:
-        raise services.BadInput("release and offset are whole numbers") from None
-    events = selectors.audit_events(environment=params.get("environment", ""), actor=params.get("actor", ""),
-                                    action=params.get("action", ""), release=release, **dates)
+    query = request.query_params
+    dates = {name: params.moment(query.get(name), name) for name in ("since", "until")}
+    release = params.whole_number(query.get("release"), "release", minimum=1)
+    offset = params.whole_number(query.get("offset"), "offset", default=0)
+    words = {name: params.text(query.get(name), name) for name in ("environment", "actor", "action")}
+    events = selectors.audit_events(**words, release=release, **dates)
     page = list(events[offset: offset + AUDIT_PAGE + 1])
     return Response({
         "events": [selectors.audit_dict(e) for e in page[:AUDIT_PAGE]],

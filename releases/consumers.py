@@ -2,14 +2,21 @@
 
 A browser may send {"after": seq}; it gets every stored line after seq, then
 live events. It joins the group before replaying, so nothing falls between
-the two; it drops the duplicates that overlap by their seq.
+the two; it drops the duplicates that overlap by their seq. Anything else it
+sends (not JSON, binary, not an object, a bad `after`) is answered with
+{"type": "error", ...} and the connection stays open.
 """
+
+import json
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from . import broadcast, permissions, selectors
+from . import broadcast, params, permissions, selectors
 from .models import Release
+
+
+USAGE = 'send {"after": <seq>} to replay the log'
 
 
 class ReleaseConsumer(AsyncJsonWebsocketConsumer):
@@ -29,10 +36,34 @@ class ReleaseConsumer(AsyncJsonWebsocketConsumer):
         if hasattr(self, "release_id"):
             await self.channel_layer.group_discard(broadcast.group(self.release_id), self.channel_name)
 
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        if text_data is None:
+            await self._error("binary frames are not read: send text, " + USAGE)
+            return
+        try:
+            content = json.loads(text_data)
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." deeper than the parser goes
+            await self._error("that is not JSON: " + USAGE)
+            return
+        await self.receive_json(content)
+
+    async def _error(self, message: str, **details):
+        await self.send_json({"type": "error", "error": message, **details})
+
     async def receive_json(self, content, **kwargs):
-        after = content.get("after") if isinstance(content, dict) else None
-        if not isinstance(after, int) or after < 0:
-            await self.send_json({"type": "error", "error": 'send {"after": <seq>} to replay the log'})
+        if not isinstance(content, dict) or "after" not in content:
+            await self._error(USAGE)
+            return
+        after = content["after"]
+        try:
+            if isinstance(after, str):  # a JSON number, as the API's `next` gives it
+                raise params.BadInput("after is a JSON number", field="after")
+            after = params.whole_number(after, "after")
+        except params.BadInput as exc:
+            await self._error(f"{exc}; {USAGE}", **exc.details)
+            return
+        if after is None:
+            await self._error(USAGE)
             return
         while True:
             page = await database_sync_to_async(selectors.log_lines)(self.release_id, after=after)

@@ -4,6 +4,7 @@ from django import forms
 
 from . import permissions, plan
 from .models import Environment, Recipe
+from .services import COMMENT_LIMIT
 
 
 class EnvironmentChoiceForm(forms.Form):
@@ -23,7 +24,10 @@ class OptionsForm(forms.Form):
 
 
 class DecisionForm(forms.Form):
-    comment = forms.CharField(required=False, max_length=2000, widget=forms.TextInput(attrs={"placeholder": "comment (optional)"}))
+    comment = forms.CharField(
+        required=False, max_length=COMMENT_LIMIT, widget=forms.TextInput(attrs={"placeholder": "comment (optional)"}),
+        error_messages={"max_length": "A comment holds at most %(limit_value)d characters and this one has %(show_value)d: "
+                                      "shorten it and decide again. Nothing was decided."})
 
 
 class RecipeForm(forms.ModelForm):

@@ -11,7 +11,7 @@ import re
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 
 from deployer import git
@@ -48,6 +48,24 @@ class Conflict(ServiceError):
     status = 409
 
 
+# A gate's comment, on the page and in the API (the column itself is unbounded text).
+COMMENT_LIMIT = 2000
+
+LOST_RACE = "someone else changed this at the same moment and the database kept theirs; look again, then retry if it still applies"
+# PostgreSQL: serialization failure, deadlock, lock not available
+_RACE_SQLSTATES = {"40001", "40P01", "55P03"}
+
+
+def lost_race(exc: BaseException) -> bool:
+    """A database error that means another request won a race (and this one
+    changed nothing): a 409, never a 500. SQLite says "database is locked"
+    when its busy timeout runs out; PostgreSQL names it by SQLSTATE."""
+    if not isinstance(exc, OperationalError):
+        return False
+    sqlstate = getattr(exc.__cause__, "sqlstate", None)
+    return sqlstate in _RACE_SQLSTATES or "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
 # git's own rules for a ref name, plus no leading "-" (it would read as an option)
 _BAD_REVISION = re.compile(r"(^-)|(\.\.)|(@\{)|([\s~^:?*\[\\\x00-\x1f\x7f])|(\.lock$)|(/$)|(^/)|(\.$)")
 
@@ -56,7 +74,7 @@ def validate_revision(revision: str) -> str:
     revision = (revision or "").strip()
     if not revision:
         raise BadInput("revision is required: a branch, tag or commit", field="revision")
-    if len(revision) > 200 or _BAD_REVISION.search(revision):
+    if len(revision) > 200 or _BAD_REVISION.search(revision) or any("\ud800" <= c <= "\udfff" for c in revision):
         raise BadInput(f"{revision[:60]!r} is not a valid branch, tag or commit name", field="revision")
     return revision
 
@@ -178,9 +196,9 @@ def release_cancel(*, release: Release, actor, source_ip: str | None = None) -> 
     if not permissions.can_deploy(actor):
         raise NotAllowed("cancelling a release needs the deployer role")
     _refuse(release, "cancel", "only an unfinished release can be cancelled")
-    if release.cancel_requested:
+    # conditional, like a move: of two cancels at once, one asks and the other is told
+    if release.cancel_requested or not Release.objects.filter(pk=release.pk, cancel_requested=False).update(cancel_requested=True):
         raise Conflict(f"release {release.pk} is already being cancelled")
-    Release.objects.filter(pk=release.pk).update(cancel_requested=True)
     audit.record("release.cancel", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk}")
     if release.status in (R.AWAITING_APPROVAL, R.FAILED):
         _close_open_gates(release, "cancelled", actor)

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db import OperationalError
 from django.http import Http404, HttpResponse, HttpResponseForbidden, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -49,6 +50,7 @@ viewer = needs(permissions.can_view, "the viewer, deployer, approver or maintain
 deployer = needs(permissions.can_deploy, "the deployer role")
 maintainer = needs(permissions.can_maintain, "the maintainer role")
 configurer = needs(permissions.can_configure, "the deployer or maintainer role")
+approver = needs(permissions.can_approve, "the approver role")
 
 
 def client_ip(request) -> str | None:
@@ -268,6 +270,11 @@ def _start(request, data: dict, environment: Environment):
     except services.ServiceError as exc:
         messages.error(request, str(exc))
         return redirect(f"{reverse('release_new')}?step=review")
+    except OperationalError as exc:
+        if not services.lost_race(exc):
+            raise
+        messages.error(request, services.LOST_RACE)
+        return redirect(f"{reverse('release_new')}?step=review")
     request.session.pop(WIZARD, None)
     messages.success(request, f"Release #{release.pk} started.")
     return redirect("release", release_id=release.pk)
@@ -326,16 +333,29 @@ def _act(request, release_id: int, service, done: str, **kwargs):
         messages.success(request, done)
     except services.ServiceError as exc:
         messages.warning(request, str(exc))
+    except OperationalError as exc:
+        if not services.lost_race(exc):
+            raise
+        messages.warning(request, services.LOST_RACE)
     return redirect("release", release_id=release_id)
 
 
+# The role is checked before the release is looked up (by `needs`), so a
+# person without it gets the same 403 whether or not the release exists.
 @require_POST
-@login_required
+@approver
 def release_decide(request, release_id: int, key: str, decision: str):
     if decision not in ("approve", "reject"):
         raise Http404("approve or reject")
     form = DecisionForm(request.POST)
-    comment = form.cleaned_data["comment"] if form.is_valid() else ""
+    if not form.is_valid():
+        # nothing is decided on a comment that does not fit: the page says why and keeps what was typed
+        get_object_or_404(Release, pk=release_id)
+        context = _panel_context(request, release_id)
+        context.update(step_keys=[s.key for s in context["steps"]], decision_key=key,
+                       decision_comment=request.POST.get("comment", ""), decision_error=" ".join(form.errors["comment"]))
+        return render(request, "releases/release.html", context, status=400)
+    comment = form.cleaned_data["comment"]
     if decision == "approve":
         return _act(request, release_id, services.gate_approve, f"Approved {key}.", key=key, comment=comment)
     return _act(request, release_id, services.gate_reject, f"Rejected {key}.", key=key, comment=comment)
@@ -349,7 +369,7 @@ ACTIONS = {
 
 
 @require_POST
-@login_required
+@deployer
 def release_action(request, release_id: int, action: str):
     if action not in ACTIONS:
         raise Http404("cancel, retry or rollback")

@@ -78,3 +78,52 @@ async def test_a_viewer_gets_the_missed_lines_then_live_ones(release):
     live = await communicator.receive_json_from(timeout=5)
     assert live == {"type": "log", "lines": [{"seq": 2501, "text": "live"}]}
     await communicator.disconnect()
+
+
+async def _viewer_socket(release):
+    from asgiref.sync import sync_to_async
+
+    cookie = await sync_to_async(session_cookie)(await sync_to_async(person)("vic", "viewer"))
+    communicator = connect(release.pk, ORIGIN, cookie)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+@pytest.mark.parametrize("frame, says", [
+    ({"text_data": "not json at all"}, "not JSON"),
+    ({"text_data": "[" * 100_000}, "not JSON"),
+    ({"bytes_data": b'{"after": 0}'}, "binary frames are not read"),
+    ({"text_data": "[1, 2]"}, 'send {"after": <seq>}'),
+    ({"text_data": '"after"'}, 'send {"after": <seq>}'),
+    ({"text_data": "{}"}, 'send {"after": <seq>}'),
+    ({"text_data": '{"after": true}'}, "after is a whole number"),
+    ({"text_data": '{"after": -1}'}, "after is a whole number"),
+    ({"text_data": '{"after": 100000000000000000000000}'}, "after is a whole number"),
+    ({"text_data": '{"after": 1.5}'}, "after is a whole number"),
+    ({"text_data": '{"after": "0"}'}, "after is a JSON number"),
+])
+async def test_a_bad_frame_is_answered_with_an_error_and_the_feed_stays_open(release, frame, says):
+    communicator = await _viewer_socket(release)
+
+    await communicator.send_to(**frame)
+    answer = await communicator.receive_json_from(timeout=5)
+
+    assert answer["type"] == "error" and says in answer["error"], answer
+    # still open: a good request afterwards replays the whole log
+    await communicator.send_json_to({"after": 2400})
+    seqs = []
+    while (message := await communicator.receive_json_from(timeout=5))["type"] != "replayed":
+        seqs += [line["seq"] for line in message["lines"]]
+    assert seqs == list(range(2401, 2501))
+    assert message == {"type": "replayed", "seq": 2500}
+    await communicator.disconnect()
+
+
+async def test_a_bad_after_names_the_field(release):
+    communicator = await _viewer_socket(release)
+
+    await communicator.send_json_to({"after": True})
+
+    assert (await communicator.receive_json_from(timeout=5))["field"] == "after"
+    await communicator.disconnect()
