@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 import schemathesis
+from django.contrib.auth.models import Group, User
 from django.core.management import call_command
+from django.utils.dateparse import parse_datetime
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from rest_framework.authtoken.models import Token
 from schemathesis.checks import not_a_server_error
+from schemathesis.core import NOT_SET
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -96,12 +100,19 @@ def fuzzed(transactional_db, web_server):
         ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name="prepan", base_ami="ami-1",
         repository="file:///nonexistent", recipe=recipe,
     )
-    everyone = person("avery", "viewer", "deployer", "approver", "maintainer")
-    viewer = person("vic", "viewer")
-    release = services.release_create(environment=environment, revision="v1", actor=person("dana", "deployer"))
+    everyone = token_holder("avery", "viewer", "deployer", "approver", "maintainer")
+    viewer = token_holder("vic", "viewer")
+    release = services.release_create(environment=environment, revision="v1", actor=token_holder("dana", "deployer"))
     tokens = {name: f"Token {Token.objects.create(user=user).key}" for name, user in (("everyone", everyone), ("viewer", viewer))}
     yield {"tokens": tokens, "release": release.pk, "base": web_server}
     settle(release.pk)
+
+
+def token_holder(username: str, *roles: str) -> User:
+    # no password: hashing one costs more than a whole operation's fuzzing
+    user = User.objects.create_user(username)
+    user.groups.add(*(Group.objects.get_or_create(name=role)[0] for role in roles))
+    return user
 
 
 def settle(release_id: int) -> None:
@@ -142,19 +153,58 @@ def load_schema(fuzzed, token: str):
     return schema
 
 
-@pytest.mark.parametrize("who", ["everyone", "viewer"])
+BIGINT = 2**63 - 1
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def known_elsewhere(case, response) -> str | None:
+    """The answers that branch issue8-errors is fixing in releases/api.py (HTML
+    for an /api/ path no route matches; 500s on huge numbers, negative limits,
+    impossible dates and lone surrogates), named; None for anything else."""
+    if response.headers.get("content-type", [""])[0].startswith("text/html"):
+        return "an /api/ path that no route matches answers HTML, not JSON"
+    if response.status_code != 500:
+        return None
+    values = {**(case.query or {}), **(case.path_parameters or {})}
+    for name, value in values.items():
+        text = str(value)
+        if re.fullmatch(r"-?\d+", text) and (abs(int(text)) > BIGINT or (name == "limit" and int(text) < 0)):
+            return f"a 500 on {name}={text[:30]}"
+        if name in ("since", "until"):
+            try:
+                parse_datetime(text)
+            except ValueError:
+                return f"a 500 on an impossible date, {name}={text[:30]}"
+    if SURROGATE.search(json.dumps(case.body, ensure_ascii=False) if case.body is not NOT_SET else "") or any(
+            SURROGATE.search(str(v)) for v in values.values()):
+        return "a 500 on a lone surrogate"
+    return None
+
+
 @pytest.mark.parametrize("method, path", OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
-def test_the_api_answers_as_its_schema_says(fuzzed, who, method, path):
-    token = fuzzed["tokens"][who]
-    operation = load_schema(fuzzed, token)[path][method]
-    cases = [operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)]
-    if "{release_id}" in path:
-        # one in three aimed at a release that exists: a random id is a 404
-        cases.append(operation.as_strategy(GenerationMode.POSITIVE, path_parameters={"release_id": fuzzed["release"]}))
+def test_the_api_answers_as_its_schema_says(fuzzed, method, path):
+    """As a person with every role, then as one with viewer only (who is refused every change).
 
-    @FUZZ
-    @given(case=st.one_of(cases))
-    def call(case):
-        case.call_and_validate(headers={"Authorization": token}, checks=CHECKS)
+    An answer of a kind that issue8-errors fixes is counted, not checked, so
+    that the fuzzing goes on to find anything else; the test then xfails
+    naming it. Every other answer must pass the checks."""
+    known: dict[str, str] = {}
+    for token in fuzzed["tokens"].values():
+        operation = load_schema(fuzzed, token)[path][method]
+        cases = [operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)]
+        if "{release_id}" in path:
+            # one in three aimed at a release that exists: a random id is a 404
+            cases.append(operation.as_strategy(GenerationMode.POSITIVE, path_parameters={"release_id": fuzzed["release"]}))
 
-    call()
+        @FUZZ
+        @given(case=st.one_of(cases))
+        def call(case):
+            response = case.call(headers={"Authorization": token})
+            if reason := known_elsewhere(case, response):
+                known.setdefault(reason, f"{response.request.method} {response.request.url}")
+                return
+            case.validate_response(response, checks=CHECKS, headers={"Authorization": token})
+
+        call()
+    if known:
+        pytest.xfail("issue8-errors is fixing: " + "; ".join(f"{reason} ({example[:200]})" for reason, example in known.items()))
