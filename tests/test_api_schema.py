@@ -208,3 +208,29 @@ def test_the_api_answers_as_its_schema_says(fuzzed, method, path):
         call()
     if known:
         pytest.xfail("issue8-errors is fixing: " + "; ".join(f"{reason} ({example[:200]})" for reason, example in known.items()))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_docs_page_shows_every_operation_under_the_content_security_policy(web_server, browser):
+    person("vic", "viewer")
+    context = browser.new_context()
+    page = context.new_page()
+    problems, outside = [], []
+    page.on("console", lambda message: message.type in ("error", "warning") and problems.append(message.text))
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("request", lambda request: request.url.startswith(web_server) or outside.append(request.url))
+    page.goto(f"{web_server}/api/docs/")
+    page.fill("#id_username", "vic")
+    page.fill("#id_password", "a-long-passphrase")
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url(f"{web_server}/api/docs/")
+
+    policy = page.evaluate("() => fetch(location.href).then(r => r.headers.get('content-security-policy'))")
+    wait_for(lambda: page.locator(".opblock").count() >= len(OPERATIONS), 30, 0.2, "Swagger UI to list the operations")
+    summaries = page.locator(".opblock-summary-path").all_inner_texts()
+
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    assert {s.replace("\u200b", "") for s in summaries} == {p for _, p in OPERATIONS}
+    assert not [p for p in problems if "Content Security Policy" in p or "Refused" in p], problems
+    assert outside == []
+    context.close()
