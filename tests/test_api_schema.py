@@ -160,7 +160,8 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 def known_elsewhere(case, response) -> str | None:
     """The answers that branch issue8-errors is fixing in releases/api.py (HTML
     for an /api/ path no route matches; 500s on huge numbers, negative limits,
-    impossible dates and lone surrogates), named; None for anything else."""
+    impossible dates and lone surrogates; NUL characters, reported to it), named;
+    None for anything else."""
     if response.headers.get("content-type", [""])[0].startswith("text/html"):
         return "an /api/ path that no route matches answers HTML, not JSON"
     if response.status_code != 500:
@@ -175,6 +176,8 @@ def known_elsewhere(case, response) -> str | None:
                 parse_datetime(text)
             except ValueError:
                 return f"a 500 on an impossible date, {name}={text[:30]}"
+    if "\x00" in json.dumps(case.body, ensure_ascii=False) + "".join(map(str, values.values())):
+        return "a 500 on a NUL character, which PostgreSQL refuses (found by tests/test_hostile_strings.py)"
     if SURROGATE.search(json.dumps(case.body, ensure_ascii=False) if case.body is not NOT_SET else "") or any(
             SURROGATE.search(str(v)) for v in values.values()):
         return "a 500 on a lone surrogate"
