@@ -72,6 +72,8 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served from here: no CDN, and 'self' in the CSP covers them
     "channels",
     "django_htmx",
     "axes",
@@ -208,6 +210,32 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "releases.api.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The API's OpenAPI 3 schema (/api/schema/) and its docs page (/api/docs/),
+# described in releases/openapi.py. Only signed-in people read them (a token or
+# a session, as the API itself): the schema says nothing secret, but it is a map.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Greenlight API",
+    "DESCRIPTION": "Bake-and-swap releases on EC2: start them, decide their gates, read their logs and the audit "
+                   "trail. Errors are JSON `{\"error\": \"...\"}`, with `field` when one input is at fault.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SCHEMA_PATH_PREFIX": "/api/",
+    # the docs page's files come from drf-spectacular-sidecar, not a CDN
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # no call to an outside validator from the docs page
+    "SWAGGER_UI_SETTINGS": {"validatorUrl": None},
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "releases.openapi.closed_request_bodies"],
+    "ENUM_NAME_OVERRIDES": {
+        "ReleaseStatus": "releases.models.Release.Status",
+        "StepStatus": "releases.models.Step.Status",
+    },
 }
 
 # HTTPS, for a deployment behind TLS (docs/production.env.example). The

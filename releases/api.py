@@ -10,7 +10,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from deployer import handlers
 
-from . import params, permissions, selectors, services
+from . import openapi, params, permissions, selectors, services
 from .models import Environment, Release
 
 AUDIT_PAGE = 100
@@ -67,12 +67,14 @@ def _release(release_id: int) -> Release:
         raise services.NotFound(f"there is no release {release_id}") from None
 
 
+@openapi.environment_list
 @api_view(["GET"])
 def environment_list(request):
     _viewer(request)
     return Response({"environments": selectors.environments()})
 
 
+@openapi.release_create
 @api_view(["POST"])
 def release_create(request):
     _may(permissions.can_deploy, "starting a release needs the deployer role", request)
@@ -99,6 +101,7 @@ def release_create(request):
     return Response(selectors.release_dict(selectors.release_for_detail(release.pk)), status=201)
 
 
+@openapi.release_detail
 @api_view(["GET"])
 def release_detail(request, release_id: int):
     _viewer(request)
@@ -116,6 +119,7 @@ def _comment(request) -> str:
     return comment
 
 
+@openapi.gate_decision("approve")
 @api_view(["POST"])
 def gate_approve(request, release_id: int, key: str):
     _may(permissions.can_approve, "deciding a gate needs the approver role", request)
@@ -124,6 +128,7 @@ def gate_approve(request, release_id: int, key: str):
     return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
 
 
+@openapi.gate_decision("reject")
 @api_view(["POST"])
 def gate_reject(request, release_id: int, key: str):
     _may(permissions.can_approve, "deciding a gate needs the approver role", request)
@@ -144,11 +149,12 @@ def _action(service):
 
 ACTION_VERBS = {services.release_cancel: "cancelling a release", services.release_retry: "retrying a release",
                 services.release_rollback: "rolling back"}
-release_cancel = _action(services.release_cancel)
-release_retry = _action(services.release_retry)
-release_rollback = _action(services.release_rollback)
+release_cancel = openapi.release_action("cancel", "Cancel a release")(_action(services.release_cancel))
+release_retry = openapi.release_action("retry", "Retry a release's failed step")(_action(services.release_retry))
+release_rollback = openapi.release_action("rollback", "Roll a release back")(_action(services.release_rollback))
 
 
+@openapi.release_logs
 @api_view(["GET"])
 def release_logs(request, release_id: int):
     _viewer(request)
@@ -159,6 +165,7 @@ def release_logs(request, release_id: int):
     return Response(selectors.log_lines(release_id, after=after, limit=limit))
 
 
+@openapi.audit_list
 @api_view(["GET"])
 def audit_list(request):
     _viewer(request)

@@ -1,0 +1,320 @@
+"""The API's OpenAPI description: the shapes releases/api.py reads and answers.
+
+These serializers only describe (drf-spectacular reads them to write the
+schema at /api/schema/); the views build their answers from the selectors'
+plain dicts. A change of an answer's shape changes this file too: the
+Schemathesis test (tests/test_api_schema.py) checks every answer against it.
+"""
+
+from __future__ import annotations
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
+
+from . import transitions
+from .models import Approval, Instance, Release, Step
+
+
+class TokenScheme(OpenApiAuthenticationExtension):
+    """DRF's token auth, by the header's own spelling: `Authorization: Token <key>`."""
+
+    target_class = "rest_framework.authentication.TokenAuthentication"
+    name = "token"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "apiKey", "in": "header", "name": "Authorization",
+            "description": "`Token <key>`: each person makes their own on their profile page, /accounts/profile/",
+        }
+
+
+# -- errors ------------------------------------------------------------------
+
+
+class Error(serializers.Serializer):
+    """Every error: what is wrong, and for bad input which field. Some add
+    details: a conflict names the active `release` or the current `status`."""
+
+    error = serializers.CharField(help_text="what is wrong, for people")
+    field = serializers.CharField(required=False, help_text="the input at fault, where there is one")
+
+
+def _error(description: str) -> OpenApiResponse:
+    return OpenApiResponse(Error, description=description)
+
+
+UNAUTHENTICATED = {401: _error("not signed in: no token or session, or an unknown token")}
+NO_ROLE = {403: _error("signed in, but without a role that may do this")}
+BAD_INPUT = {400: _error("bad input; `field` names it where it is one field")}
+UNKNOWN_RELEASE = {404: _error("there is no such release (or gate)")}
+CONFLICT = {409: _error("the release is not in a state that allows this (a gate not open, an active release already)")}
+
+
+# -- answers -----------------------------------------------------------------
+
+
+class EnvironmentOut(serializers.Serializer):
+    name = serializers.CharField()
+    region = serializers.CharField()
+    load_balancer = serializers.CharField(help_text="the classic ELB's name or the target group's ARN")
+    public_url = serializers.CharField()
+    desired_count = serializers.IntegerField(min_value=0)
+    base_ami = serializers.CharField()
+    last_baked_ami = serializers.CharField(allow_blank=True)
+    recipe = serializers.CharField()
+    four_eyes = serializers.BooleanField()
+    gate_timeout = serializers.IntegerField(min_value=0, help_text="seconds")
+
+
+class EnvironmentList(serializers.Serializer):
+    environments = EnvironmentOut(many=True)
+
+
+class StepOut(serializers.Serializer):
+    key = serializers.CharField()
+    kind = serializers.ChoiceField(choices=Step.Kind.choices)
+    status = serializers.ChoiceField(choices=Step.Status.choices)
+    attempts = serializers.IntegerField(min_value=0)
+    error = serializers.CharField(allow_blank=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    waiting_for = serializers.CharField(allow_blank=True, help_text="what a running step waits for; empty otherwise")
+    deadline = serializers.DateTimeField(allow_null=True, help_text="until when it waits (a running step or an open gate)")
+
+
+class DecisionOut(serializers.Serializer):
+    by = serializers.CharField(help_text="who decided; `greenlight` when the gate timed out")
+    decision = serializers.ChoiceField(choices=Approval.Decision.choices)
+    comment = serializers.CharField(allow_blank=True)
+    at = serializers.DateTimeField()
+
+
+class GateOut(serializers.Serializer):
+    key = serializers.CharField()
+    status = serializers.ChoiceField(choices=Step.Status.choices)
+    deadline = serializers.DateTimeField(allow_null=True)
+    card = serializers.JSONField(help_text="what the person deciding sees: the direct URL and smoke results, or old vs new")
+    decisions = DecisionOut(many=True)
+
+
+class InstanceOut(serializers.Serializer):
+    id = serializers.CharField()
+    name = serializers.CharField(allow_blank=True)
+    role = serializers.ChoiceField(choices=Instance.Role.choices)
+    slot = serializers.CharField(allow_blank=True)
+    address = serializers.CharField(allow_blank=True)
+    state = serializers.CharField(allow_blank=True)
+
+
+class HistoryOut(serializers.Serializer):
+    at = serializers.DateTimeField()
+    step = serializers.CharField(allow_null=True, help_text="null for the release's own status")
+    action = serializers.CharField()
+    to = serializers.CharField()
+    reason = serializers.CharField(allow_blank=True)
+    by = serializers.CharField()
+
+    def get_fields(self):
+        # `from` is a Python keyword, so it cannot be declared above
+        return {**super().get_fields(), "from": serializers.CharField()}
+
+
+class ReleaseOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    environment = serializers.CharField()
+    revision = serializers.CharField()
+    strategy = serializers.ChoiceField(choices=Release.Strategy.choices)
+    fleet_size = serializers.IntegerField(min_value=1)
+    status = serializers.ChoiceField(choices=Release.Status.choices)
+    error = serializers.CharField(allow_blank=True)
+    cancel_requested = serializers.BooleanField()
+    actions = serializers.ListField(child=serializers.ChoiceField(choices=transitions.PERSON_ACTIONS),
+                                    help_text="what a person may ask of it now")
+    requested_by = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+    log_seq = serializers.IntegerField(min_value=0, help_text="the last log line's sequence number")
+    image = serializers.CharField(allow_blank=True, help_text="the AMI it baked, once it has")
+    steps = StepOut(many=True)
+    history = HistoryOut(many=True)
+    gates = GateOut(many=True)
+    instances = InstanceOut(many=True)
+
+
+class LogLineOut(serializers.Serializer):
+    seq = serializers.IntegerField(min_value=1)
+    step = serializers.CharField()
+    host = serializers.CharField(allow_blank=True)
+    stream = serializers.CharField(help_text="stdout, stderr or info")
+    text = serializers.CharField(allow_blank=True)
+    at = serializers.DateTimeField()
+
+
+class LogPage(serializers.Serializer):
+    lines = LogLineOut(many=True)
+    next = serializers.IntegerField(help_text="the last line's seq: ask again with after=next")
+
+
+class AuditEventOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    at = serializers.DateTimeField()
+    actor = serializers.CharField()
+    source_ip = serializers.CharField(allow_null=True)
+    action = serializers.CharField()
+    target = serializers.CharField(allow_blank=True)
+    environment = serializers.CharField(allow_null=True)
+    release = serializers.IntegerField(allow_null=True)
+    details = serializers.JSONField()
+    seq = serializers.IntegerField(min_value=1, help_text="position in the chain, from 1")
+    prev_hash = serializers.CharField()
+    hash = serializers.CharField()
+
+
+class ChainOut(serializers.Serializer):
+    verified = serializers.BooleanField()
+    events = serializers.IntegerField(min_value=0)
+    summary = serializers.CharField()
+    broken_at = serializers.IntegerField(allow_null=True, help_text="the first event that does not verify")
+    problem = serializers.CharField(allow_null=True, help_text="edited, deleted, inserted or reordered")
+
+
+class AuditPage(serializers.Serializer):
+    events = AuditEventOut(many=True)
+    next_offset = serializers.IntegerField(allow_null=True, help_text="ask again with offset=next_offset; null on the last page")
+    chain = ChainOut()
+
+
+# -- requests ----------------------------------------------------------------
+
+
+class ReleaseIn(serializers.Serializer):
+    environment = serializers.CharField(help_text="the environment's name")
+    revision = serializers.CharField(help_text="a branch, tag or commit of the environment's repository")
+    strategy = serializers.ChoiceField(choices=Release.Strategy.choices, required=False, default=Release.Strategy.BAKE)
+    clone_count = serializers.IntegerField(
+        required=False, min_value=1, max_value=50,
+        help_text="the size of the new fleet, the canary included; default: the environment's desired_count")
+
+
+class CommentIn(serializers.Serializer):
+    comment = serializers.CharField(required=False, allow_blank=True, max_length=2000)
+
+
+# -- the operations ----------------------------------------------------------
+
+MAX_ID = 2**63 - 1  # ids, offsets and sequence numbers are PostgreSQL bigints
+
+
+def _int(minimum: int, maximum: int = MAX_ID) -> dict:
+    return {"type": "integer", "minimum": minimum, "maximum": maximum}
+
+
+RELEASE_ID = OpenApiParameter("release_id", _int(1), OpenApiParameter.PATH, description="the release's id")
+GATE_KEY = OpenApiParameter("key", {"type": "string", "pattern": "^[^/]+$"}, OpenApiParameter.PATH,
+                            description="the gate: verify_directly or swap_elb (another key is a 404)")
+AFTER = OpenApiParameter("after", _int(0), description="only lines after this sequence number (default 0)")
+LIMIT = OpenApiParameter("limit", _int(1), description="at most this many lines (default 5000; more is taken as 5000)")
+
+READ = {**UNAUTHENTICATED, **NO_ROLE}
+
+
+def _filter(name: str, description: str, type_=str) -> OpenApiParameter:
+    return OpenApiParameter(name, type_, description=description)
+
+
+environment_list = extend_schema(
+    operation_id="environment_list",
+    summary="The environments", tags=["environments"],
+    responses={200: EnvironmentList, **READ},
+)
+
+release_create = extend_schema(
+    operation_id="release_create",
+    summary="Start a release", tags=["releases"],
+    description="Its plan is frozen now; a worker starts it. Needs the deployer role.",
+    request={"application/json": ReleaseIn},
+    responses={201: ReleaseOut, **BAD_INPUT, **UNAUTHENTICATED, **NO_ROLE,
+               **{409: _error("the environment has an active release already (its id is in `release`)")}},
+    examples=[OpenApiExample("a release", value={"environment": "prepan", "revision": "v2"}, request_only=True)],
+)
+
+release_detail = extend_schema(
+    operation_id="release_detail",
+    summary="A release", tags=["releases"],
+    description="Its status, what a person may ask of it now, its steps (with what a step waits for, and until when), "
+                "its gates with their cards, its instances and its history.",
+    parameters=[RELEASE_ID],
+    responses={200: ReleaseOut, **READ, **UNKNOWN_RELEASE},
+)
+
+
+def gate_decision(verb: str):
+    return extend_schema(
+        operation_id=f"gate_{verb}", summary=f"{verb.capitalize()} an open gate", tags=["gates"],
+        description=f"Needs the approver role; under four eyes, not the person who started the release."
+                    f"{' Rejecting rolls the release back.' if verb == 'reject' else ''}",
+        parameters=[RELEASE_ID, GATE_KEY],
+        request={"application/json": CommentIn},
+        responses={200: ReleaseOut, **BAD_INPUT, **UNAUTHENTICATED, **NO_ROLE, **UNKNOWN_RELEASE, **CONFLICT},
+    )
+
+
+def release_action(action: str, what: str):
+    return extend_schema(
+        operation_id=f"release_{action}", summary=what, tags=["releases"],
+        description="Needs the deployer role. No body.",
+        parameters=[RELEASE_ID],
+        request=None,
+        responses={200: ReleaseOut, **UNAUTHENTICATED, **NO_ROLE, **UNKNOWN_RELEASE, **CONFLICT},
+    )
+
+
+release_logs = extend_schema(
+    operation_id="release_logs",
+    summary="A release's log lines", tags=["releases"],
+    description="Lines in sequence order, secrets redacted; page with after=next.",
+    parameters=[RELEASE_ID, AFTER, LIMIT],
+    responses={200: LogPage, **BAD_INPUT, **READ, **UNKNOWN_RELEASE},
+)
+
+audit_list = extend_schema(
+    operation_id="audit_list",
+    summary="The audit trail", tags=["audit"],
+    description="Every event, newest first, a page of 100 at a time, with whether the hash chain verifies.",
+    parameters=[
+        _filter("environment", "an environment's name"),
+        _filter("actor", "who did it (a username, or greenlight)"),
+        _filter("action", "an action or its start, like release. or gate.approve"),
+        _filter("release", "a release's id", _int(1)),
+        _filter("since", "from this time on (ISO 8601, like 2026-11-29T10:00:00Z)", OpenApiTypes.DATETIME),
+        _filter("until", "before this time (ISO 8601)", OpenApiTypes.DATETIME),
+        _filter("offset", "skip this many events (default 0)", _int(0)),
+    ],
+    responses={200: AuditPage, **BAD_INPUT, **READ},
+)
+
+
+def closed_request_bodies(result, generator, request, public):
+    """Starting a release refuses a field it does not know (400 "unknown
+    fields: ..."), so its body's schema allows no other properties. (A gate's
+    decision reads `comment` and ignores the rest.)"""
+    schemas = result.get("components", {}).get("schemas", {})
+    if "ReleaseInRequest" in schemas:
+        schemas["ReleaseInRequest"]["additionalProperties"] = False
+    return result
+
+
+class SchemaView(SpectacularAPIView):
+    """/api/schema/: YAML, or JSON with ?format=json. Its errors are JSON like
+    every other API answer's, not YAML in the schema's media type."""
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if response.status_code >= 400:
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = "application/json"
+        return response
