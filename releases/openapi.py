@@ -15,14 +15,14 @@ from drf_spectacular.views import SpectacularAPIView
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
-from . import transitions
+from . import params, transitions
 from .models import Approval, Instance, Release, Step
 
 
 class TokenScheme(OpenApiAuthenticationExtension):
     """DRF's token auth, by the header's own spelling: `Authorization: Token <key>`."""
 
-    target_class = "rest_framework.authentication.TokenAuthentication"
+    target_class = "releases.authentication.TokenAuthentication"
     name = "token"
 
     def get_security_definition(self, auto_schema):
@@ -206,10 +206,7 @@ class CommentIn(serializers.Serializer):
 
 # -- the operations ----------------------------------------------------------
 
-MAX_ID = 2**63 - 1  # ids, offsets and sequence numbers are PostgreSQL bigints
-
-
-def _int(minimum: int, maximum: int = MAX_ID) -> dict:
+def _int(minimum: int, maximum: int = params.MAX_WHOLE) -> dict:
     return {"type": "integer", "minimum": minimum, "maximum": maximum}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from datetime import timezone as dt_timezone
 
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -61,6 +62,10 @@ def moment(value: str | None, name: str) -> datetime | None:
         parsed = parse_datetime(value)
     except ValueError:  # well-formed but impossible: month 13, day 45
         parsed = None
-    if parsed is None:
-        raise BadInput(f"{name} is an ISO 8601 time, like 2026-11-29T10:00:00Z", field=name)
-    return timezone.make_aware(parsed) if timezone.is_naive(parsed) else parsed
+    try:
+        if parsed is not None:
+            # in UTC: PostgreSQL refuses a zone offset beyond 15:59, which ISO 8601 allows
+            return (timezone.make_aware(parsed) if timezone.is_naive(parsed) else parsed).astimezone(dt_timezone.utc)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first time there is
+        pass
+    raise BadInput(f"{name} is an ISO 8601 time, like 2026-11-29T10:00:00Z", field=name)
