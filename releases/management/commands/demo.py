@@ -29,7 +29,7 @@ from releases import roles, services
 
 
 class Command(BaseCommand):
-    help = "Run Greenlight with the sandbox, a worker and the web server (Ctrl-C stops everything)."
+    help = "Run Greenlight with the sandbox, a worker, beat and the web server, restarting any that dies (Ctrl-C stops everything)."
 
     def add_arguments(self, parser):
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
