@@ -1,8 +1,9 @@
 """The sandbox's AWS: a moto server in this process, made a little more like AWS.
 
-moto keeps its state in memory; the sandbox pickles it on a clean stop and
-loads it on the next start, so instance ids, images and registrations survive
-a restart like they would in a real account. The hooks below close gaps where
+moto keeps its state in memory; the sandbox pickles it on a clean stop (and
+every few seconds while it runs, for a sandbox that is killed) and loads it
+on the next start, so instance ids, images and registrations survive a
+restart like they would in a real account. The hooks below close gaps where
 moto would accept what AWS refuses, tell the sandbox when an image is made so
 it can snapshot the instance's directory at that moment, let the sandbox's
 load balancers answer the health APIs, and, in the `aws` timings profile,
@@ -64,6 +65,7 @@ class Cloud:
 
         self.region = region
         self.state_file = state_file
+        self._checkpointed = b""
         self.timings = timings
         self.scale = scale
         # AWS behaviour that is not a duration (ClientToken idempotency)
@@ -120,10 +122,24 @@ class Cloud:
         }
 
     def save(self) -> None:
-        data = pickle.dumps(self._backends())
+        self._write(pickle.dumps(self._backends()))
+
+    def checkpoint(self) -> None:
+        """Save the state while it is served, so that a killed sandbox (SIGKILL,
+        no clean stop) comes back with what it had a few seconds before, as an
+        AWS account would, rather than empty. Written only when it changed."""
+        try:
+            data = pickle.dumps(self._backends())
+        except RuntimeError:  # a request changed a dict while it was read: the next checkpoint takes it
+            return
+        if data != self._checkpointed:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_bytes(data)
-        tmp.replace(self.state_file)
+        tmp.replace(self.state_file)  # whole or not at all, even if we are killed mid-write
+        self._checkpointed = data
 
     def _load(self) -> None:
         if not self.state_file.exists():

@@ -22,6 +22,8 @@ from .timings import FAST, Timings
 
 log = logging.getLogger("sandbox")
 
+# how often the AWS state is saved while the sandbox runs (a clean stop saves it too)
+CHECKPOINT_SECONDS = 2.0
 # moto accepts any credentials; these are not secrets and reach nothing else.
 CREDENTIALS = {"aws_access_key_id": "sandbox", "aws_secret_access_key": "sandbox"}
 
@@ -206,12 +208,15 @@ class Sandbox:
             self.ready.set()
             log.info("sandbox ready (%s timings, scale %g, %s load balancer): AWS %s, load balancer %s, endpoints in %s",
                      config.timings_profile, config.time_scale, config.load_balancer, endpoint, balancers[0].url, config.file)
-            known = None
-            while not stop.is_set():  # keep the file's instance list current
+            known, checkpointed = None, time.monotonic()
+            while not stop.is_set():  # keep the file's instance list current, and the saved state
                 views = [v for v in cloud.instances() if hosts.ours(v)]
                 if views != known:
                     known = views
                     self._write_file(endpoint, repo_url, environments, cloud, hosts)
+                if time.monotonic() - checkpointed >= CHECKPOINT_SECONDS:
+                    await loop.run_in_executor(None, cloud.checkpoint)
+                    checkpointed = time.monotonic()
                 try:
                     await asyncio.wait_for(stop.wait(), 1)
                 except asyncio.TimeoutError:

@@ -1,8 +1,9 @@
 """`make demo`: the whole product on one machine, in one foreground command.
 
 Starts Redis if it is not running (and `redis-server` is installed), the
-sandbox, a Celery worker with beat, and the ASGI web server; prefixes their
-output; stops them all, in order, on Ctrl-C.
+sandbox, a Celery worker, Celery beat and the ASGI web server, each in a
+process group of its own; prefixes their output; restarts any that dies
+(`deployer.supervisor`); stops them all, in order, on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,67 +23,45 @@ from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.core.management.base import BaseCommand, CommandError
 
+from deployer.sandbox.hosts import kill_marked
+from deployer.supervisor import Child, Supervisor
 from releases import roles, services
 
 
-class Child:
-    def __init__(self, name: str, args: list[str], env: dict | None = None):
-        self.name = name
-        self.process = subprocess.Popen(
-            args,
-            cwd=settings.BASE_DIR,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us; we stop children in order
-        )
-        threading.Thread(target=self._relay, daemon=True).start()
-
-    def _relay(self) -> None:
-        for line in iter(self.process.stdout.readline, b""):
-            sys.stdout.write(f"{self.name:>8} | {line.decode(errors='replace')}")
-            sys.stdout.flush()
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout: float = 20) -> None:
-        if not self.alive():
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
 class Command(BaseCommand):
-    help = "Run Greenlight with the sandbox, a worker and the web server (Ctrl-C stops everything)."
+    help = "Run Greenlight with the sandbox, a worker, beat and the web server, restarting any that dies (Ctrl-C stops everything)."
 
     def add_arguments(self, parser):
         parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
         parser.add_argument("--host", default="127.0.0.1")
 
     def handle(self, *args, **options):
-        self.children: list[Child] = []
+        self.supervisor = Supervisor(on_restart=self._restarted)
+        self._sandbox_restarted = False
         stopping = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.set())
         # the sandbox's repository is a file:// URL; the worker and web server inherit this
         os.environ["ALLOW_FILE_REPOSITORIES"] = "true"
         settings.ALLOW_FILE_REPOSITORIES = True
+        python = [sys.executable]
         try:
             self._redis()
             username, password = self._admin()
             reviewer, reviewer_password = self._reviewer()
-            sandbox = self._start("sandbox", [sys.executable, "manage.py", "sandbox"])
+            sandbox = self._start("sandbox", [*python, "manage.py", "sandbox"], before_start=self._forget_sandbox)
             info = self._wait_for_sandbox(sandbox, stopping)
             if info is None:
                 return
             environment = services.environment_import_sandbox(info=info)
-            self._start("worker", [sys.executable, "-m", "celery", "-A", "deployer", "worker", "--beat", "--loglevel", "info", "--concurrency", "2"])
-            self._start("web", [sys.executable, "-m", "daphne", "-b", options["host"], "-p", str(options["port"]), "deployer.asgi:application"])
+            self._start("worker", [*python, "-m", "celery", "-A", "deployer", "worker", "--loglevel", "info", "--concurrency", "2"])
+            # beat on its own, never embedded in the worker: killing a worker must not orphan a
+            # beat that a restarted worker would then double. The pidfile refuses a second beat
+            # (another demo on the same var directory); a stale one (a killed beat) is removed.
+            self._start("beat", [*python, "-m", "celery", "-A", "deployer", "beat", "--loglevel", "info",
+                                 "--schedule", settings.CELERY_BEAT_SCHEDULE_FILENAME,
+                                 "--pidfile", str(settings.VAR_DIR / "celerybeat.pid")])
+            self._start("web", [*python, "-m", "daphne", "-b", options["host"], "-p", str(options["port"]), "deployer.asgi:application"])
             url = f"http://{options['host']}:{options['port']}/"
             self.stdout.write(
                 "\n"
@@ -91,21 +69,43 @@ class Command(BaseCommand):
                 f"               and as {reviewer} / {reviewer_password} (another browser) to approve it\n"
                 f"  Load balancer {info['load_balancer_url']}  ({environment.name}; revisions {', '.join(info['revisions'])})\n"
                 f"  AWS endpoint  {info['aws_endpoint_url']}  endpoints in {settings.SANDBOX_FILE}\n"
-                "  Ctrl-C stops everything.\n"
+                "  A part that stops is restarted; Ctrl-C stops everything.\n"
             )
             while not stopping.is_set():
-                if dead := [c.name for c in self.children if not c.alive()]:
-                    raise CommandError(f"{', '.join(dead)} stopped unexpectedly; shutting down")
+                self.supervisor.check()
+                self._import_restarted_sandbox()
                 stopping.wait(0.5)
         finally:
-            for child in reversed(self.children):
-                child.stop()
+            self.supervisor.stop()
+            # an instance's processes leave the sandbox's group (daemons); a sandbox that was
+            # killed, not stopped, could not end them, so they are ended by their mark
+            kill_marked(settings.VAR_DIR / "sandbox")
             self.stdout.write("demo stopped")
+        if given_up := self.supervisor.given_up():
+            raise CommandError(f"demo stopped; it had given up on {', '.join(given_up)} (see above)")
 
-    def _start(self, name: str, args: list[str]) -> Child:
-        child = Child(name, args)
-        self.children.append(child)
-        return child
+    def _start(self, name: str, args: list[str], **options) -> Child:
+        return self.supervisor.start(Child(name, args, cwd=settings.BASE_DIR, **options))
+
+    def _forget_sandbox(self) -> None:
+        # a killed sandbox leaves its file behind, pointing at dead endpoints
+        settings.SANDBOX_FILE.unlink(missing_ok=True)
+
+    def _restarted(self, child: Child) -> None:
+        if child.name == "sandbox":
+            self._sandbox_restarted = True
+
+    def _import_restarted_sandbox(self) -> None:
+        """A restarted sandbox may answer on other ports: store its endpoints again once it is ready."""
+        if self._sandbox_restarted and settings.SANDBOX_FILE.exists():
+            self._sandbox_restarted = False
+            try:
+                info = json.loads(settings.SANDBOX_FILE.read_text())
+                services.environment_import_sandbox(info=info)
+            except Exception as exc:  # noqa: BLE001 -- say it and keep supervising
+                self.supervisor.say(f"the restarted sandbox's endpoints could not be stored: {exc}")
+            else:
+                self.supervisor.say(f"the sandbox is back; {info['environment']} points at {info['aws_endpoint_url']}")
 
     def _redis(self) -> None:
         url = urlsplit(settings.REDIS_URL)
