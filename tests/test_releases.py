@@ -245,7 +245,7 @@ def test_a_revision_cannot_inject_a_command(prepan, dana, release_sandbox):
 
 def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, dana):
     """The worker died between the AWS call and recording its result."""
-    from releases import engine, plan, steps
+    from releases import engine, identity, plan, steps
     from releases.logs import LogWriter
     from releases.models import Instance
 
@@ -273,13 +273,15 @@ def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, d
 
     assert second["instance"] == first["instance"]
     c = cloud(prepan)
-    assert [i.id for i in c.instances(tags={aws.TAG_RELEASE: str(release.pk)})] == [first["instance"]]
+    named = identity.of(release)
+    assert not named.legacy
+    assert [i.id for i in c.instances(tags={aws.TAG_RELEASE: str(release.uuid)})] == [first["instance"]]
 
     image = run("bake_image")["image"]
     release.state.pop("image")
     assert run("bake_image")["image"] == image
-    named = c.ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [f"greenlight-prepan-release-{release.pk}"]}])
-    assert len(named["Images"]) == 1
+    images = c.ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [named.image_name]}])
+    assert [i["ImageId"] for i in images["Images"]] == [image]
     c.terminate([first["instance"]])
 
 
