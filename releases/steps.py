@@ -604,6 +604,8 @@ def remove_image(ctx: Context) -> dict:
     another release launches from, or an environment names as its base or
     last baked image. Re-entrant: the snapshot ids are saved before the
     image (which lists them) is deregistered."""
+    if removed := ctx.state.get("image_removed"):
+        return {"removed": removed, "snapshots": ctx.state.get("image_snapshots", [])}
     identity = ctx.identity
     image_id = ctx.state.get("image")
     if not image_id and (found := ctx.cloud.image_named(identity.image_name)):
