@@ -186,12 +186,14 @@ def wait_for_step(release_id: int, key: str, status: str, timeout: float = 60):
 def test_rolling_back_a_finished_release_brings_the_old_fleet_back(prepan, dana, ravi):
     before = serving(prepan)
     old = set(cloud(prepan).registered())
+    baked_before = Environment.objects.get(pk=prepan.pk).last_baked_ami
     release_id = start(dana, "v2" if before == "v1" else "v1", clone_count=1)
     wait_gate(release_id, "verify_directly")
     approve(ravi, release_id, "verify_directly")
     wait_gate(release_id, "swap_elb")
     approve(ravi, release_id, "swap_elb")
-    wait_status(release_id, Release.Status.SUCCEEDED)
+    image = wait_status(release_id, Release.Status.SUCCEEDED).state["image"]
+    assert Environment.objects.get(pk=prepan.pk).last_baked_ami == image
 
     with LoadLoop(prepan.public_url) as load:
         response = api(dana).post(f"/api/releases/{release_id}/rollback")
@@ -202,6 +204,9 @@ def test_rolling_back_a_finished_release_brings_the_old_fleet_back(prepan, dana,
     assert revisions_behind(prepan.public_url) == {before}
     assert set(cloud(prepan).registered()) == old
     assert_nothing_left(prepan, release)
+    # its image is undone too, and the environment bakes from the one it had before
+    assert cloud(prepan).image(image) is None
+    assert Environment.objects.get(pk=prepan.pk).last_baked_ami == baked_before
 
 
 def test_a_failing_deploy_fails_its_step_with_the_reason_and_a_retry_after_the_fix_succeeds(prepan, dana, release_sandbox):
