@@ -220,6 +220,14 @@ def test_a_release_with_the_id_of_a_lost_databases_release_adopts_none_of_its_le
     assert serving(prepan) == target
     tags = c.instances(ids=[release.instances.get(slot="canary").instance_id])[0].tags
     assert tags[aws.TAG_RELEASE_NUMBER] == str(number) and tags[aws.TAG_INSTALLATION] == Installation.current_id()
+    # the environment page links this release's instances, and names the lost ones' release without a link
+    from django.test import Client
+
+    viewer = Client()
+    viewer.force_login(person("vera", "viewer"))
+    page = viewer.get("/environments/prepan/").content.decode()
+    assert page.count(f'<a href="/releases/{number}/">release #{number}</a>') == 2
+    assert page.count(f'release #{number} <span class="muted">(not in this database)</span>') == 2
     c.terminate(lost_instances)
 
 
