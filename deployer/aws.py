@@ -25,7 +25,9 @@ from .errors import AdapterError
 
 # Bounded: a hung endpoint must fail a step, not hang a worker forever.
 _CONFIG = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 5, "mode": "standard"})
-TAG_RELEASE = "greenlight:release"
+TAG_RELEASE = "greenlight:release"  # the release's uuid (a plain id for releases made before uuids)
+TAG_RELEASE_NUMBER = "greenlight:release-number"  # its id, for people
+TAG_INSTALLATION = "greenlight:installation"
 TAG_ENVIRONMENT = "greenlight:environment"
 TAG_SLOT = "greenlight:slot"
 TAG_REVISION = "greenlight:revision"
@@ -349,11 +351,41 @@ class Cloud:
             TagSpecifications=[{"ResourceType": "image", "Tags": _tags(tags)}],
         )["ImageId"]
 
-    def image_state(self, image_id: str) -> str:
-        """pending, available, failed...; "unknown" while EC2 does not list it yet."""
+    def image(self, image_id: str) -> dict | None:
+        """The image as DescribeImages shows it; None while EC2 does not list
+        it yet, or once it is deregistered."""
         images = self._pages("describe image", self.ec2, "describe_images", "Images",
                              Filters=[{"Name": "image-id", "Values": [image_id]}])
-        return images[0]["State"] if images else "unknown"
+        return images[0] if images else None
+
+    def image_state(self, image_id: str) -> str:
+        """pending, available, failed...; "unknown" while EC2 does not list it yet."""
+        found = self.image(image_id)
+        return found["State"] if found else "unknown"
+
+    @staticmethod
+    def image_snapshots(image: dict) -> list[str]:
+        """The EBS snapshots an image is made of (they outlive its deregistration)."""
+        return [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")]
+
+    def deregister_image(self, image_id: str) -> None:
+        """Deregistered; one already gone counts as done."""
+        self._mutate("DeregisterImage", image_id, self.ec2.deregister_image, ImageId=image_id,
+                     ok_codes=("InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"))
+
+    def delete_snapshots(self, snapshot_ids: Iterable[str]) -> list[str]:
+        """Deletes each snapshot; one already gone counts as done. Returns
+        those EC2 says are still in use (by an image), which are left alone."""
+        in_use = []
+        for snapshot_id in snapshot_ids:
+            try:
+                self._mutate("DeleteSnapshot", snapshot_id, self.ec2.delete_snapshot, SnapshotId=snapshot_id,
+                             ok_codes=("InvalidSnapshot.NotFound",))
+            except AdapterError as exc:
+                if "InvalidSnapshot.InUse" not in str(exc):
+                    raise
+                in_use.append(snapshot_id)
+        return in_use
 
     # -- security groups -------------------------------------------------------
 

@@ -6,6 +6,8 @@ through `save()` on a loaded row, so two workers can never both win.
 
 from __future__ import annotations
 
+import uuid
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -148,6 +150,10 @@ class Release(models.Model):
         DEPLOY_FROM_IMAGE = "deploy_from_image"
 
     environment = models.ForeignKey(Environment, on_delete=models.PROTECT, related_name="releases")
+    # What names its AWS resources (releases/identity.py): random, so a release
+    # made after a database was restored or started afresh never takes the
+    # instances or image of another release that had the same id.
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     revision = models.CharField(max_length=200)
     strategy = models.CharField(max_length=32, choices=Strategy.choices, default=Strategy.BAKE)
     fleet_size = models.PositiveIntegerField()
@@ -321,6 +327,27 @@ class AuditChainHead(models.Model):
 
     seq = models.PositiveBigIntegerField(default=0)
     hash = models.CharField(max_length=64, default="0" * 64)
+
+
+class Installation(models.Model):
+    """This Greenlight installation (one row, id 1): its id, tagged on
+    everything it makes in AWS, for people and IAM conditions to tell
+    installations apart. A restored database keeps it; a new one gets its own."""
+
+    ONE = 1
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    @classmethod
+    def current_id(cls) -> str:
+        # made by migration 0008, and again here if a test database's flush emptied the table
+        if (row := cls.objects.filter(pk=cls.ONE).first()) is None:
+            cls.objects.bulk_create([cls(pk=cls.ONE)], ignore_conflicts=True)
+            row = cls.objects.get(pk=cls.ONE)
+        return str(row.uuid)
+
+    def __str__(self):
+        return f"installation {self.uuid}"
 
 
 class ApiToken(models.Model):

@@ -125,6 +125,8 @@ class HistoryOut(serializers.Serializer):
 
 class ReleaseOut(serializers.Serializer):
     id = serializers.IntegerField()
+    uuid = serializers.UUIDField(help_text="the release's identity in AWS: the value of its instances' and image's "
+                                 "greenlight:release tag, and part of its image's name")
     environment = serializers.CharField()
     revision = serializers.CharField()
     strategy = serializers.ChoiceField(choices=Release.Strategy.choices)

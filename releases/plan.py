@@ -35,7 +35,7 @@ BAKE = (
     Entry("smoke_direct", limits=("smoke_timeout",)),
     Entry("verify_directly", GATE, limits=("gate_timeout",)),
     Entry("close_access"),
-    Entry("bake_image", undo=("stop_new",), limits=("instance_timeout", "image_timeout")),
+    Entry("bake_image", undo=("stop_new", "remove_image"), limits=("instance_timeout", "image_timeout")),
     Entry("launch_clones", undo=("stop_new",), limits=("instance_timeout",)),
     Entry("smoke_clones", limits=("smoke_timeout",)),
     Entry("swap_elb", GATE, limits=("gate_timeout",)),
@@ -49,6 +49,7 @@ UNDO = (
     Entry("restore_old", ROLLBACK, limits=("instance_timeout", "health check")),  # old started, registered, in service
     Entry("retire_new", ROLLBACK, limits=("draining",)),  # new deregistered and drained
     Entry("stop_new", ROLLBACK, limits=("instance_timeout",)),  # new stopped, never terminated
+    Entry("remove_image", ROLLBACK, limits=("image_timeout",)),  # its own image deregistered, snapshots deleted
     Entry("revoke_access", ROLLBACK),  # the verification rule closed
 )
 ENTRIES = {entry.key: entry for entry in (*BAKE, *UNDO)}
@@ -81,7 +82,7 @@ def settings_of(environment) -> dict:
     return {field: getattr(environment, field) for field in ENVIRONMENT_FIELDS}
 
 
-def freeze(environment, *, strategy: str, revision: str, fleet_size: int) -> dict:
+def freeze(environment, *, strategy: str, revision: str, fleet_size: int, installation: str = "") -> dict:
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose {' or '.join(STRATEGIES)}")
     if fleet_size < 1:
@@ -97,6 +98,9 @@ def freeze(environment, *, strategy: str, revision: str, fleet_size: int) -> dic
         "environment": settings,
         "recipe": environment.recipe.definition,
         "steps": [{"key": entry.key, "kind": entry.kind} for entry in STRATEGIES[strategy]],
+        # its AWS resources are named by the release's uuid (releases/identity.py);
+        # a plan without this is from before, and names them by the release's id
+        "identity": {"installation": installation},
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 from django.db.models import Prefetch, QuerySet
@@ -51,6 +52,7 @@ def release_dict(release: Release) -> dict:
     steps = list(release.steps.all())
     return {
         "id": release.pk,
+        "uuid": str(release.uuid),
         "environment": release.environment.name,
         "revision": release.revision,
         "strategy": release.strategy,
@@ -188,15 +190,47 @@ def environment_instances(environment: Environment, *, registered_only: bool = F
     health = cloud.health()
     by_tag = cloud.instances(tags={aws.TAG_ENVIRONMENT: environment.name}, states=("pending", "running", "stopping", "stopped"))
     registered = [i for i in cloud.instances(ids=list(health)) if i.id not in {b.id for b in by_tag}] if health else []
+    instances = [*by_tag, *registered]
+    launched_by = _launched_by(instances)
     rows = [
         {"id": i.id, "name": i.name, "state": i.state, "address": i.address(environment.address),
          "health": health.get(i.id, "not registered"), "in_service": health.get(i.id) == "InService",
-         "revision": i.tags.get(aws.TAG_REVISION, ""), "release": i.tags.get(aws.TAG_RELEASE, "")}
-        for i in [*by_tag, *registered]
+         "revision": i.tags.get(aws.TAG_REVISION, ""), **launched_by[i.id]}
+        for i in instances
     ]
     if registered_only:
         rows = [r for r in rows if r["id"] in health]
     return sorted(rows, key=lambda r: (len(r["name"]), r["name"]))
+
+
+def _launched_by(instances: list[aws.InstanceInfo]) -> dict[str, dict]:
+    """Instance id -> {"release": the id of the release in this database that
+    launched it, or None; "release_number": the number its tags show}. An
+    instance tagged by another database's release (a lost or replaced one)
+    names its number but links nowhere: that number here is another release."""
+    by_uuid, legacy = {}, {}
+    for i in instances:
+        tag = i.tags.get(aws.TAG_RELEASE, "")
+        if tag.isdigit():
+            legacy[i.id] = int(tag)  # a release from before uuids: tagged with its id
+        elif tag:
+            try:
+                by_uuid[i.id] = uuid.UUID(tag)
+            except ValueError:
+                pass
+    known = dict(Release.objects.filter(uuid__in=set(by_uuid.values())).values_list("uuid", "pk")) if by_uuid else {}
+    # a release from before uuids counts only if it recorded the instance itself
+    recorded = set(Instance.objects.filter(instance_id__in=list(legacy), release_id__in=set(legacy.values()))
+                   .values_list("instance_id", "release_id")) if legacy else set()
+    found = {}
+    for i in instances:
+        number = i.tags.get(aws.TAG_RELEASE_NUMBER, "") or (str(legacy[i.id]) if i.id in legacy else "")
+        if i.id in by_uuid:
+            pk = known.get(by_uuid[i.id])
+        else:
+            pk = legacy[i.id] if (i.id, legacy.get(i.id)) in recorded else None
+        found[i.id] = {"release": pk, "release_number": number}
+    return found
 
 
 def _account(region: str, aws_endpoint_url: str, aws_credentials: str) -> aws.Account:

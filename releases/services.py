@@ -19,7 +19,7 @@ from deployer.errors import AdapterError
 
 
 from . import audit, logs, permissions, plan, tasks, transitions
-from .models import Approval, Environment, Recipe, RecipeChange, Release, Step
+from .models import Approval, Environment, Installation, Recipe, RecipeChange, Release, Step
 
 R, S = Release.Status, Step.Status
 
@@ -115,7 +115,8 @@ def release_create(*, environment: Environment, revision: str, strategy: str = "
     if not isinstance(fleet_size, int) or isinstance(fleet_size, bool) or not 1 <= fleet_size <= 50:
         raise BadInput("clone_count (the fleet size) must be a whole number from 1 to 50", field="clone_count")
     try:
-        frozen = plan.freeze(environment, strategy=strategy, revision=revision, fleet_size=fleet_size)
+        frozen = plan.freeze(environment, strategy=strategy, revision=revision, fleet_size=fleet_size,
+                             installation=Installation.current_id())
     except plan.PlanError as exc:
         raise BadInput(str(exc), field="strategy") from None
     try:

@@ -25,13 +25,15 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from deployer import aws, local, recipe, ssh
 from deployer.errors import AdapterError, Cancelled as CommandCancelled
 
+from . import identity as naming
 from .logs import LogWriter
-from .models import Instance, Release, Step
+from .models import Environment, Instance, Release, Step
 from .plan import LIMIT_DEFAULTS
 
 SSH_WORKERS = 8
@@ -40,6 +42,7 @@ IN_SERVICE_MARGIN = 120  # AWS seconds beyond interval x healthy threshold: regi
 CONSOLE_GRACE = 180  # AWS seconds to wait for the host key in the console once sshd answers
 DRAINING_MARGIN = 60  # AWS seconds beyond the draining timeout before giving up on a target still draining
 MAX_DRAINING = 3600  # AWS's own ceiling for connection draining and deregistration delay
+IMAGE_VISIBLE = 60  # AWS seconds a new image may take to be listed (EC2 is eventually consistent)
 NEW = (Instance.Role.CANARY, Instance.Role.CLONE)
 
 
@@ -85,6 +88,10 @@ class Context:
     @property
     def key(self) -> str:
         return self.step.key if self.step else "rollback"
+
+    @property
+    def identity(self) -> naming.Identity:
+        return naming.of(self.release)
 
     @property
     def scale(self) -> float:
@@ -232,15 +239,16 @@ def next_names(ctx: Context, count: int) -> list[str]:
 def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> Instance:
     if row := Instance.objects.filter(release=ctx.release, slot=slot).first():
         return row
+    identity = ctx.identity
     info = ctx.cloud.launch(
-        tags={"Name": name, aws.TAG_ENVIRONMENT: ctx.env["name"], aws.TAG_REVISION: ctx.release.revision},
-        identity={aws.TAG_RELEASE: str(ctx.release.pk), aws.TAG_SLOT: slot},
+        tags={"Name": name, **identity.tags(), aws.TAG_REVISION: ctx.release.revision},
+        identity=identity.instance(slot),
         image_id=image,
         instance_type=ctx.env["instance_type"],
         key_name=ctx.env["key_name"],
         subnet_id=ctx.env["subnet_id"],
         security_group_ids=[*ctx.env["security_group_ids"], ctx.env["verify_security_group_id"]],
-        client_token=f"greenlight-{ctx.release.pk}-{slot}",
+        client_token=identity.client_token(slot),
     )
     ctx.info(f"launched {name} as {info.id} from {image}")
     return ctx.record(info, role, slot)
@@ -447,7 +455,7 @@ def revoke_access(ctx: Context) -> dict:
 
 def bake_image(ctx: Context) -> dict:
     canary = ctx.canary()
-    name = f"greenlight-{ctx.env['name']}-release-{ctx.release.pk}"
+    name = ctx.identity.image_name
     image = ctx.state.get("image")
     if not image:
         [info] = ctx.cloud.instances(ids=[canary.instance_id]) or [None]
@@ -455,7 +463,7 @@ def bake_image(ctx: Context) -> dict:
             ctx.cloud.stop([canary.instance_id])
             ctx.info(f"stopping {canary.name} to bake it")
         wait_for_states(ctx, [canary.instance_id], "stopped", "canary stopped")
-        tags = {aws.TAG_RELEASE: str(ctx.release.pk), aws.TAG_ENVIRONMENT: ctx.env["name"], "revision": ctx.release.revision}
+        tags = {**ctx.identity.tags(), "revision": ctx.release.revision}
         image = ctx.cloud.create_image(canary.instance_id, name, tags)
         ctx.save(image=image)
         ctx.info(f"creating image {image} ({name}) from {canary.name}")
@@ -590,6 +598,57 @@ def stop_new(ctx: Context) -> dict:
     return {}
 
 
+def remove_image(ctx: Context) -> dict:
+    """The image this release baked, deregistered and its snapshots deleted:
+    a rolled-back release's image is not one to launch from. Never an image
+    another release launches from, or an environment names as its base or
+    last baked image. Re-entrant: the snapshot ids are saved before the
+    image (which lists them) is deregistered."""
+    if removed := ctx.state.get("image_removed"):
+        return {"removed": removed, "snapshots": ctx.state.get("image_snapshots", [])}
+    identity = ctx.identity
+    image_id = ctx.state.get("image")
+    if not image_id and (found := ctx.cloud.image_named(identity.image_name)):
+        image_id = found["ImageId"]  # made by a bake whose worker died before saving it
+    if not image_id:
+        ctx.info("this release made no image")
+        return {}
+    release = ctx.release
+    # a succeeded release rolled back: its environment bakes from the image it had before
+    if Environment.objects.filter(pk=release.environment_id, last_baked_ami=image_id).update(
+            last_baked_ami=ctx.env.get("last_baked_ami") or ""):
+        ctx.info(f"{ctx.env['name']}'s last baked image is {ctx.env.get('last_baked_ami') or 'none'} again")
+    users = [f"release {pk}" for pk in Release.objects.filter(plan__environment__image=image_id).exclude(
+        pk=release.pk).values_list("pk", flat=True)]
+    users += [f"environment {name}" for name in Environment.objects.filter(
+        Q(base_ami=image_id) | Q(last_baked_ami=image_id)).values_list("name", flat=True)]
+    if users:
+        ctx.info(f"keeping image {image_id}: {', '.join(users)} uses it")
+        return {"kept": image_id}
+    image = ctx.cloud.image(image_id)
+    if image is not None and image.get("Name") != identity.image_name:
+        ctx.info(f"keeping image {image_id}: it is {image.get('Name')!r}, not this release's {identity.image_name!r}")
+        return {"kept": image_id}
+    if image is not None and image["State"] == "pending":
+        raise Wait("image", f"image {image_id} to be made before it is removed", timeout=ctx.limit("image_timeout"),
+                   poll=30 * ctx.scale)
+    if image is None and "image_snapshots" not in ctx.state and ctx.waited("image listed") < IMAGE_VISIBLE * ctx.scale:
+        # never deregistered by us: it may be too new for EC2 to list yet
+        raise Wait("image listed", f"image {image_id} to be listed", timeout=(IMAGE_VISIBLE + 60) * ctx.scale,
+                   poll=5 * ctx.scale)
+    if image is not None:
+        ctx.save(image_snapshots=sorted({*ctx.state.get("image_snapshots", []), *ctx.cloud.image_snapshots(image)}))
+        ctx.cloud.deregister_image(image_id)
+        ctx.info(f"deregistered image {image_id} ({identity.image_name})")
+    snapshots = ctx.state.get("image_snapshots", [])
+    if in_use := ctx.cloud.delete_snapshots(snapshots):
+        ctx.info(f"left snapshot {', '.join(in_use)} in place: EC2 says another image uses it")
+    if deleted := [s for s in snapshots if s not in in_use]:
+        ctx.info(f"deleted snapshot {', '.join(deleted)}")
+    ctx.save(image_removed=image_id)
+    return {"removed": image_id, "snapshots": snapshots}
+
+
 ACTIONS = {
     "launch": launch,
     "provision": provision,
@@ -608,6 +667,7 @@ ACTIONS = {
     "retire_new": retire_new,
     "stop_new": stop_new,
     "revoke_access": revoke_access,
+    "remove_image": remove_image,
 }
 
 

@@ -119,7 +119,7 @@ def test_a_rollback_undoes_what_started_in_reverse_and_puts_the_old_fleet_back_f
     assert plan.rollback_steps(["launch"]) == ["stop_new"]
     assert plan.rollback_steps(["launch", "provision", "deploy", "open_access"]) == ["revoke_access", "stop_new"]
     everything = [e.key for e in plan.BAKE if e.kind == "action"]
-    assert plan.rollback_steps(everything) == ["restore_old", "retire_new", "stop_new", "revoke_access"]
+    assert plan.rollback_steps(everything) == ["restore_old", "retire_new", "stop_new", "remove_image", "revoke_access"]
     # the new fleet is registered but the old one was never touched: still, old first
     assert plan.rollback_steps(everything[: everything.index("register_new") + 1])[:2] == ["restore_old", "retire_new"]
 

@@ -186,12 +186,14 @@ def wait_for_step(release_id: int, key: str, status: str, timeout: float = 60):
 def test_rolling_back_a_finished_release_brings_the_old_fleet_back(prepan, dana, ravi):
     before = serving(prepan)
     old = set(cloud(prepan).registered())
+    baked_before = Environment.objects.get(pk=prepan.pk).last_baked_ami
     release_id = start(dana, "v2" if before == "v1" else "v1", clone_count=1)
     wait_gate(release_id, "verify_directly")
     approve(ravi, release_id, "verify_directly")
     wait_gate(release_id, "swap_elb")
     approve(ravi, release_id, "swap_elb")
-    wait_status(release_id, Release.Status.SUCCEEDED)
+    image = wait_status(release_id, Release.Status.SUCCEEDED).state["image"]
+    assert Environment.objects.get(pk=prepan.pk).last_baked_ami == image
 
     with LoadLoop(prepan.public_url) as load:
         response = api(dana).post(f"/api/releases/{release_id}/rollback")
@@ -202,6 +204,9 @@ def test_rolling_back_a_finished_release_brings_the_old_fleet_back(prepan, dana,
     assert revisions_behind(prepan.public_url) == {before}
     assert set(cloud(prepan).registered()) == old
     assert_nothing_left(prepan, release)
+    # its image is undone too, and the environment bakes from the one it had before
+    assert cloud(prepan).image(image) is None
+    assert Environment.objects.get(pk=prepan.pk).last_baked_ami == baked_before
 
 
 def test_a_failing_deploy_fails_its_step_with_the_reason_and_a_retry_after_the_fix_succeeds(prepan, dana, release_sandbox):
@@ -245,7 +250,7 @@ def test_a_revision_cannot_inject_a_command(prepan, dana, release_sandbox):
 
 def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, dana):
     """The worker died between the AWS call and recording its result."""
-    from releases import engine, plan, steps
+    from releases import engine, identity, plan, steps
     from releases.logs import LogWriter
     from releases.models import Instance
 
@@ -273,13 +278,15 @@ def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, d
 
     assert second["instance"] == first["instance"]
     c = cloud(prepan)
-    assert [i.id for i in c.instances(tags={aws.TAG_RELEASE: str(release.pk)})] == [first["instance"]]
+    named = identity.of(release)
+    assert not named.legacy
+    assert [i.id for i in c.instances(tags={aws.TAG_RELEASE: str(release.uuid)})] == [first["instance"]]
 
     image = run("bake_image")["image"]
     release.state.pop("image")
     assert run("bake_image")["image"] == image
-    named = c.ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [f"greenlight-prepan-release-{release.pk}"]}])
-    assert len(named["Images"]) == 1
+    images = c.ec2.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [named.image_name]}])
+    assert [i["ImageId"] for i in images["Images"]] == [image]
     c.terminate([first["instance"]])
 
 

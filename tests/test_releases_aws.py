@@ -140,5 +140,5 @@ def test_cancelling_while_the_new_fleet_waits_to_be_in_service_rolls_back_to_the
 
     assert load.failures == [], load.failures[:5]
     assert revisions_behind(prepan.public_url) == {before}
-    assert [s.key for s in release.steps.filter(kind="rollback")] == ["restore_old", "retire_new", "stop_new", "revoke_access"]
+    assert [s.key for s in release.steps.filter(kind="rollback")] == ["restore_old", "retire_new", "stop_new", "remove_image", "revoke_access"]
     assert release.steps.get(key="register_new").error == "cancelled"
