@@ -206,6 +206,7 @@ class Cloud:
         load_balancer_name: str = "",
         target_group_arn: str = "",
         on_mutation: Mutation | None = None,
+        before_mutation: Callable[[str, str], None] | None = None,
     ):
         self.account = account
         self.ec2 = client(account, "ec2")
@@ -214,9 +215,14 @@ class Cloud:
         self.load_balancer_name = load_balancer_name
         self.target_group_arn = target_group_arn
         self.on_mutation = on_mutation or (lambda action, resource, request_id: None)
+        # (action, resource) before every try of a mutation; it may raise to stop the call
+        # (the engine's fence: a worker that lost its lease must not change anything)
+        self.before_mutation = before_mutation
 
     def _mutate(self, action: str, resource: str, call, *args, ok_codes: Iterable[str] = (), **kwargs) -> dict:
         for pause in (*VISIBILITY_RETRIES, None):
+            if self.before_mutation is not None:
+                self.before_mutation(action, resource)
             try:
                 response = call(*args, **kwargs)
                 break

@@ -97,11 +97,15 @@ def run(
 
     Streams stdout and stderr lines to `on_line(stream, text)` as they come.
     Raises AdapterError when it outlives `timeout` seconds and Cancelled when
-    `cancelled()` turns true, each only after the whole group has ended; a
-    non-zero exit is a status, not an error, so the caller decides.
+    `cancelled()` turns true (a person cancelled, or the caller lost its
+    lease on the step), each only after the whole group has ended, and
+    Cancelled without starting anything when it is true already; a non-zero
+    exit is a status, not an error, so the caller decides.
     `user`, `group` and `extra_groups` (ids) switch the command's identity
     before it starts, which takes a root worker.
     """
+    if cancelled and cancelled():
+        raise Cancelled("command cancelled on the worker before it started")
     process = subprocess.Popen(
         ["/bin/sh", "-c", command],
         stdin=subprocess.DEVNULL,  # a command that asks a question gets EOF, not the worker's stdin

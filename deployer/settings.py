@@ -10,6 +10,7 @@ import secrets
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -148,9 +149,20 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_IGNORE_RESULT = True
+# A worker holds the step it runs by a lease of LEASE_SECONDS on the step's
+# row, renewed every third of that; the sweep, every SWEEP_SECONDS, hands back
+# a step whose lease ran out. So a dead (or paused) worker's step runs again
+# within LEASE_SECONDS + SWEEP_SECONDS, and a worker that finds its lease gone
+# stops before it touches AWS or a host again.
+LEASE_SECONDS = env.float("LEASE_SECONDS", default=30.0)
+SWEEP_SECONDS = env.float("SWEEP_SECONDS", default=10.0)
+if not LEASE_SECONDS >= 1:
+    raise ImproperlyConfigured(f"LEASE_SECONDS is {LEASE_SECONDS:g}: a step's lease needs at least 1 second")
+if not SWEEP_SECONDS > 0:
+    raise ImproperlyConfigured(f"SWEEP_SECONDS is {SWEEP_SECONDS:g}: the sweep needs a period above 0 seconds")
 CELERY_BEAT_SCHEDULE = {
     # re-queue steps whose worker died, expire gates, terminate retired instances
-    "sweep": {"task": "releases.tasks.sweep", "schedule": env.float("SWEEP_SECONDS", default=10.0)},
+    "sweep": {"task": "releases.tasks.sweep", "schedule": SWEEP_SECONDS},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 

@@ -149,11 +149,16 @@ def run(
 
     Raises AdapterError when the host cannot be reached or the command
     outlives `timeout` seconds, and Cancelled (an AdapterError) when
-    `cancelled()` turns true; a non-zero exit is a Result, not an error, so
-    the caller decides what it means.
+    `cancelled()` turns true (a person cancelled, or the caller's engine
+    lost its lease on the step); a non-zero exit is a Result, not an error,
+    so the caller decides what it means. `cancelled()` is asked once more
+    after connecting, before the command starts: connecting can take
+    seconds, and a command that must not run is not started at all.
     """
     client, presented = connect(target)
     try:
+        if cancelled and cancelled():
+            raise Cancelled(f"command cancelled on {target.host} before it started")
         channel = client.get_transport().open_session()
         channel.exec_command(command)
         channel.shutdown_write()

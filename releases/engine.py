@@ -1,7 +1,12 @@
 """Runs a release, one step at a time, and rolls it back.
 
 A worker takes a step only by leasing its row (a conditional update); while
-the step works, a heartbeat extends the lease. A step that waits on AWS does
+the step works, a heartbeat extends the lease (LEASE_SECONDS, renewed every
+third of it). The lease is also a fence: a worker that was paused or cut off
+past its lease may find another worker running its step, so the step checks
+the lease before every AWS mutation, before and during every command, and
+before it records any outcome; a worker that lost it stops quietly and
+writes nothing to the step. A step that waits on AWS does
 not sleep in the worker: it records what it waits for, its deadline and when
 to look again (`wake_at`), gives up its lease, and `advance` returns the
 seconds until then so the Celery task can queue itself again with that
@@ -25,7 +30,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -37,8 +42,6 @@ from .logs import LogWriter
 from .models import Environment, Instance, Release, Step
 
 log = logging.getLogger(__name__)
-LEASE = timedelta(seconds=60)
-HEARTBEAT_SECONDS = 10
 S, R, K = Step.Status, Release.Status, Step.Kind
 GO_ON = "go on"  # run_step's answer when the release may take its next step at once
 
@@ -47,18 +50,36 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
-class Heartbeat:
-    """Extends a lease while the work runs, from a thread of its own."""
+def lease_term() -> timedelta:
+    return timedelta(seconds=settings.LEASE_SECONDS)
 
-    def __init__(self, rows, field: str):
+
+class Heartbeat:
+    """Extends a lease while the work runs, from a thread of its own, every
+    third of LEASE_SECONDS. A renewal that finds the row no longer ours (the
+    sweep handed it back, another worker holds it) sets `lost` and stops:
+    the step sees it at its next check."""
+
+    def __init__(self, rows, field: str, lost: threading.Event | None = None):
         self.rows, self.field = rows, field  # the leased row (still ours), and its expiry column
         self.stop = threading.Event()
+        self.lost = lost or threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         try:
-            while not self.stop.wait(HEARTBEAT_SECONDS):
-                self.rows.update(**{self.field: timezone.now() + LEASE})
+            while not self.stop.wait(settings.LEASE_SECONDS / 3):
+                try:
+                    renewed = self.rows.update(**{self.field: timezone.now() + lease_term()})
+                except DatabaseError as exc:
+                    # the database is away (a restart): try again next beat; if it stays away past
+                    # the lease, the sweep hands the step on and the step's own checks stop it
+                    log.warning("cannot renew a lease (%s); trying again", type(exc).__name__)
+                    connection.close()
+                    continue
+                if not renewed:
+                    self.lost.set()
+                    return
         finally:
             connection.close()
 
@@ -76,18 +97,20 @@ def account_for(settings: dict) -> aws.Account:
     return aws.Account.from_reference(settings["region"], settings["aws_endpoint_url"], settings["aws_credentials"])
 
 
-def cloud_for(settings: dict, on_mutation=None) -> aws.Cloud:
+def cloud_for(settings: dict, on_mutation=None, before_mutation=None) -> aws.Cloud:
     return aws.Cloud(account_for(settings), load_balancer_name=settings["load_balancer_name"],
-                     target_group_arn=settings["target_group_arn"], on_mutation=on_mutation)
+                     target_group_arn=settings["target_group_arn"], on_mutation=on_mutation,
+                     before_mutation=before_mutation)
 
 
-def release_cloud(release: Release) -> aws.Cloud:
-    """The release's cloud, every mutation audited against the release."""
+def release_cloud(release: Release, before_mutation=None) -> aws.Cloud:
+    """The release's cloud, every mutation audited against the release;
+    `before_mutation` (a step's lease check) may stop one before it is sent."""
 
     def on_mutation(action: str, resource: str, request_id: str) -> None:
         audit.record(f"aws:{action}", target=resource, release=release, request_id=request_id)
 
-    return cloud_for(release.plan["environment"], on_mutation)
+    return cloud_for(release.plan["environment"], on_mutation, before_mutation)
 
 
 def secrets_of(release: Release) -> list[str]:
@@ -135,7 +158,7 @@ def advance(release_id: int) -> float | None:
         if release is None:
             return None
         if release.status in (R.QUEUED, R.RUNNING):
-            if release.cancel_requested:
+            if release.cancel_requested and not transitions.too_late_to_cancel(release.steps.all()):
                 if not stop_for_cancel(release):
                     return None  # the worker at work sees the flag and stops
                 continue
@@ -162,8 +185,8 @@ def take(release: Release, step: Step, owner: str):
     """Lease the step if it is due, and run it."""
     now = timezone.now()
     if step.status == S.PENDING:
-        leased = transitions.step(step.pk, "start", lease_owner=owner, lease_expires_at=now + LEASE, started_at=now,
-                                  finished_at=None, error="", attempts=F("attempts") + 1)
+        leased = transitions.step(step.pk, "start", lease_owner=owner, lease_expires_at=now + lease_term(), started_at=now,
+                                  finished_at=None, error="", waiting_for="", attempts=F("attempts") + 1)
         if leased:
             transitions.release(release.pk, "start")
         resumed = False
@@ -171,7 +194,7 @@ def take(release: Release, step: Step, owner: str):
         if step.wake_at and step.wake_at > now:
             return None  # an early nudge: its countdown is on the way
         leased = Step.objects.filter(Q(wake_at__isnull=True) | Q(wake_at__lte=now), pk=step.pk, status=S.RUNNING,
-                                     lease_owner="").update(lease_owner=owner, lease_expires_at=now + LEASE, wake_at=None)
+                                     lease_owner="").update(lease_owner=owner, lease_expires_at=now + lease_term(), wake_at=None)
         resumed = True
     else:
         return None  # at work elsewhere (the sweep re-queues it if that worker died), or failed
@@ -189,27 +212,58 @@ def run_step(release: Release, step: Step, owner: str, *, resumed: bool = False)
 def _run_step(release: Release, step: Step, owner: str, writer: LogWriter, *, resumed: bool):
     if not resumed:
         writer.write(step.key, f"{step.key} started (attempt {step.attempts})")
+    lease = steps.Lease(step.pk, owner)
     try:
-        with Heartbeat(Step.objects.filter(pk=step.pk, lease_owner=owner, status=S.RUNNING), "lease_expires_at"):
-            context = steps.Context(release=release, step=step, cloud=release_cloud(release), log=writer)
+        with Heartbeat(Step.objects.filter(pk=step.pk, lease_owner=owner, status=S.RUNNING), "lease_expires_at", lease.lost):
+            context = steps.Context(release=release, step=step, cloud=release_cloud(release, lease.check), log=writer,
+                                    lease=lease)
             result = steps.ACTIONS[step.key](context) or {}
+    except steps.LeaseLost:
+        return lost(release, step, owner)
     except steps.Wait as wait:
+        if not lease.held():
+            return lost(release, step, owner)
+        if cancelling(release, step):
+            return cancel_step(release, step, owner, writer)  # cancelled while it looked: stop now, not at the next look
         return sleep(release, step, owner, writer, wait)
     except steps.Cancelled:
+        if not lease.held():
+            return lost(release, step, owner)
         return cancel_step(release, step, owner, writer)
     except (AdapterError, steps.StepFailed) as exc:
-        if step.kind != K.ROLLBACK and Release.objects.filter(pk=release.pk, cancel_requested=True).exists():
+        if not lease.held():
+            return lost(release, step, owner)
+        if cancelling(release, step):
             return cancel_step(release, step, owner, writer)  # it failed because it was cancelled
         return fail(release, step, owner, writer, str(exc))
     except Exception as exc:
+        if not lease.held():
+            return lost(release, step, owner)
         log.exception("step %s of release %s crashed", step.key, release.pk)
         writer.write(step.key, traceback.format_exc(limit=3), stream="stderr")
         return fail(release, step, owner, writer, f"internal error: {type(exc).__name__}: {exc}")
+    if not lease.held():
+        return lost(release, step, owner)
     writer.write(step.key, f"{step.key} succeeded")
     writer.flush()
     done = transitions.step(step.pk, "succeed", held_by=owner, result=result, finished_at=timezone.now(),
                             waiting_for="", wake_at=None, wait={}, deadline=None)
     return GO_ON if done else None
+
+
+def lost(release: Release, step: Step, owner: str) -> None:
+    """This worker no longer holds the step (it was paused or cut off past
+    its lease, and the step was handed on): whoever holds it now goes on.
+    Nothing is written to the step or its release."""
+    log.warning("step %s of release %s: %s lost its lease; stopping without recording anything", step.key, release.pk, owner)
+    return None
+
+
+def cancelling(release: Release, step: Step) -> bool:
+    """Whether a person cancelled the release while this plan step ran (a rollback step is not cancellable)."""
+    if step.kind == K.ROLLBACK or not Release.objects.filter(pk=release.pk, cancel_requested=True).exists():
+        return False
+    return not transitions.too_late_to_cancel(release.steps.all())
 
 
 def sleep(release: Release, step: Step, owner: str, writer: LogWriter, wait: steps.Wait) -> float | None:
@@ -240,14 +294,17 @@ def sleep(release: Release, step: Step, owner: str, writer: LogWriter, wait: ste
 
 
 def cancel_step(release: Release, step: Step, owner: str | None, writer: LogWriter):
-    """Stop the step a person cancelled; the release rolls back from here."""
-    writer.write(step.key, "cancelled", stream="stderr")
-    writer.flush()
+    """Stop the step a person cancelled; the release rolls back from here.
+    Said in the log only when this call stopped it (a worker may have taken
+    the step off its timer a moment before)."""
     with transaction.atomic():
         stopped = transitions.step(step.pk, "cancel", held_by=owner if owner is not None else "", error="cancelled",
                                    reason="cancelled", finished_at=timezone.now(), waiting_for="", wake_at=None)
         if stopped:
             transitions.release(release.pk, "cancel", reason="cancelled")
+    if stopped:
+        writer.write(step.key, "cancelled", stream="stderr")
+        writer.flush()
     return GO_ON if stopped else None
 
 
@@ -266,12 +323,14 @@ def stop_for_cancel(release: Release) -> bool:
 
 def fail(release: Release, step: Step, owner: str, writer: LogWriter, reason: str) -> None:
     reason = writer.redact(reason)  # the error is shown on the page and in the API too
-    writer.write(step.key, f"{step.key} failed: {reason}", stream="stderr")
-    writer.flush()
     with transaction.atomic():
-        if transitions.step(step.pk, "fail", held_by=owner, error=reason, reason=reason, finished_at=timezone.now(),
-                            waiting_for="", wake_at=None):
+        failed = transitions.step(step.pk, "fail", held_by=owner, error=reason, reason=reason, finished_at=timezone.now(),
+                                  waiting_for="", wake_at=None)
+        if failed:
             transitions.release(release.pk, "fail", error=f"{step.key}: {reason}", reason=f"{step.key} failed")
+    if failed:  # else the lease was lost meanwhile, and the step is someone else's to report
+        writer.write(step.key, f"{step.key} failed: {reason}", stream="stderr")
+        writer.flush()
     return None
 
 
@@ -361,8 +420,12 @@ def sweep() -> dict:
     nudge: set[int] = set()
     requeued = expired = terminated = 0
     for step in Step.objects.filter(status=S.RUNNING, lease_expires_at__lt=now).exclude(lease_owner=""):
-        if transitions.step(step.pk, "requeue", held_by=step.lease_owner, lease_owner="", reason="its worker stopped answering"):
-            LogWriter(step.release_id).write(step.key, f"{step.key}: its worker stopped answering; running it again")
+        # the worker's own id names the machine and process that went quiet
+        quiet = f"its worker ({step.lease_owner}) stopped answering"
+        if transitions.step(step.pk, "requeue", held_by=step.lease_owner, lease_owner="", reason=quiet,
+                            waiting_for=f"a worker to run it again: {quiet}"[:300]):
+            with LogWriter(step.release_id) as writer:  # written and flushed now: why attempt 2 starts
+                writer.write(step.key, f"{step.key}: {quiet}; running it again", stream="stderr")
             requeued += 1
             nudge.add(step.release_id)
     for step in Step.objects.filter(status=S.AWAITING_APPROVAL, deadline__lt=now).select_related("release"):

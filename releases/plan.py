@@ -58,6 +58,12 @@ STRATEGIES = {
     "deploy_from_image": tuple(entry for entry in BAKE if entry.key != "provision"),
 }
 GATES = {entry.key for entry in BAKE if entry.kind == GATE}
+# Once the old fleet is being stopped, traffic has moved to the new one and the
+# old one has drained: the release's work is done, and a cancel would undo a
+# finished swap. From this step on a release cannot be cancelled; "Roll back"
+# is what undoes it (as in Spinnaker or CodeDeploy, where a finished
+# deployment is rolled back, not cancelled).
+CANCEL_ENDS_AT = "stop_old"
 ROLLBACK_POSITION = 1000  # rollback steps sort after the plan's
 
 # What the engine needs from the environment, copied so that editing the

@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 
 from django.db.models import Prefetch, QuerySet
+from django.utils import timezone
 
 from deployer import aws
 
@@ -70,7 +71,7 @@ def release_dict(release: Release) -> dict:
             {
                 "key": s.key, "kind": s.kind, "status": s.status, "attempts": s.attempts, "error": s.error,
                 "started_at": _time(s.started_at), "finished_at": _time(s.finished_at),
-                "waiting_for": s.waiting_for if s.status == Step.Status.RUNNING else "",
+                "waiting_for": waiting_for(s),
                 "deadline": _time(s.deadline) if s.status in (Step.Status.RUNNING, Step.Status.AWAITING_APPROVAL) else None,
             }
             for s in steps
@@ -245,13 +246,25 @@ def describe_target_group(*, region: str, aws_endpoint_url: str, aws_credentials
     return aws.describe_target_group(_account(region, aws_endpoint_url, aws_credentials), target_group_arn)
 
 
+def waiting_for(step: Step) -> str:
+    """What a step waits for, for people: AWS, or, for a step whose worker
+    went quiet, that it is being taken back (before and after the sweep)."""
+    if step.status == Step.Status.RUNNING and step.lease_owner and step.lease_expires_at and step.lease_expires_at < timezone.now():
+        return "the sweep to take it back: its worker stopped answering"
+    if step.status in (Step.Status.RUNNING, Step.Status.PENDING):
+        return step.waiting_for
+    return ""
+
+
 def person_actions(release: Release, steps: list[Step]) -> set[str]:
     """The buttons the release page shows: what the table of moves allows for
     its status, less what the services would refuse anyway."""
     actions = transitions.person_actions(release.status)
     failed = next((s for s in steps if s.status == Step.Status.FAILED), None)
     rolled_back = any(s.kind == Step.Kind.ROLLBACK for s in steps) or release.state.get("rolled_back")
-    if release.cancel_requested:
+    if release.cancel_requested and release.status != Release.Status.FAILED:
+        actions.discard("cancel")  # asked already (a failed one may be asked again: it rolls back again)
+    if transitions.too_late_to_cancel(steps):
         actions.discard("cancel")
     if failed is None or failed.kind != Step.Kind.ACTION or rolled_back:
         actions.discard("retry")

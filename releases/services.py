@@ -12,6 +12,7 @@ import re
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, OperationalError, transaction
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from deployer import git
@@ -197,13 +198,24 @@ def release_cancel(*, release: Release, actor, source_ip: str | None = None) -> 
     if not permissions.can_deploy(actor):
         raise NotAllowed("cancelling a release needs the deployer role")
     _refuse(release, "cancel", "only an unfinished release can be cancelled")
-    # conditional, like a move: of two cancels at once, one asks and the other is told
-    if release.cancel_requested or not Release.objects.filter(pk=release.pk, cancel_requested=False).update(cancel_requested=True):
+    past_swap = Step.objects.filter(release=OuterRef("pk"), key=plan.CANCEL_ENDS_AT, kind=Step.Kind.ACTION).exclude(
+        status=S.PENDING, attempts=0)
+    if transitions.too_late_to_cancel(release.steps.all()):
+        raise Conflict(transitions.too_late_to_cancel_reason(release.pk), status=release.status)
+    # a cancel whose rollback failed may be asked again: it rolls back again
+    again = release.status == R.FAILED and release.cancel_requested
+    # conditional, like a move: of two cancels at once, one asks and the other is told;
+    # and never once the engine has started stopping the old fleet
+    if not again and (release.cancel_requested or not Release.objects.filter(
+            ~Exists(past_swap), pk=release.pk, cancel_requested=False).update(cancel_requested=True)):
+        if transitions.too_late_to_cancel(release.steps.all()):
+            raise Conflict(transitions.too_late_to_cancel_reason(release.pk), status=release.status)
         raise Conflict(f"release {release.pk} is already being cancelled")
     audit.record("release.cancel", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk}")
     if release.status in (R.AWAITING_APPROVAL, R.FAILED):
         _close_open_gates(release, "cancelled", actor)
-        transitions.release(release.pk, "cancel", actor=actor, reason=f"cancelled by {actor.get_username()}")
+        if not transitions.release(release.pk, "cancel", actor=actor, reason=f"cancelled by {actor.get_username()}") and again:
+            raise Conflict(f"release {release.pk} changed a moment ago")
     _queue(release.pk)  # at work: the engine stops at its next check and rolls back
     release.refresh_from_db()
     return release

@@ -15,6 +15,7 @@ AWS, smaller for a sandbox that plays AWS's timings faster.
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +35,7 @@ from deployer.errors import AdapterError, Cancelled as CommandCancelled
 from . import identity as naming
 from .logs import LogWriter
 from .models import Environment, Instance, Release, Step
-from .plan import LIMIT_DEFAULTS
+from .plan import CANCEL_ENDS_AT, LIMIT_DEFAULTS
 
 SSH_WORKERS = 8
 CHECK_WORKERS = 16
@@ -52,6 +53,35 @@ class StepFailed(Exception):
 
 class Cancelled(Exception):
     pass
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the step: it was paused or cut off past its
+    lease and another worker runs the step now. The step stops where it is,
+    quietly; the engine records nothing."""
+
+
+class Lease:
+    """A worker's hold on the step it runs, as the step's code sees it.
+
+    `held()` is a cheap conditional read of the step's row (still ours, still
+    running), unless the heartbeat already found the lease lost; `check` is
+    the fence put before every AWS mutation, command and state write."""
+
+    def __init__(self, step_id: int, owner: str):
+        self.step_id, self.owner = step_id, owner
+        self.lost = threading.Event()  # set by the heartbeat, or by a check that found the row gone
+
+    def held(self) -> bool:
+        if self.lost.is_set():
+            return False
+        if not Step.objects.filter(pk=self.step_id, lease_owner=self.owner, status=Step.Status.RUNNING).exists():
+            self.lost.set()
+        return not self.lost.is_set()
+
+    def check(self, *_) -> None:
+        if not self.held():
+            raise LeaseLost()
 
 
 class Wait(Exception):
@@ -74,8 +104,10 @@ class Context:
     step: Step | None
     cloud: aws.Cloud
     log: LogWriter
+    lease: Lease | None = None  # None: run outside the engine (a test, a tool), with no lease to lose
     _cancel_checked: float = field(default=0.0)
     _cancelled: bool = field(default=False)
+    _lease_checked: float = field(default=0.0)
 
     @property
     def env(self) -> dict:
@@ -112,18 +144,49 @@ class Context:
         self.log.write(self.key, text, host=host)
 
     def save(self, **values) -> None:
+        """Update the release's `state`; under a lease, only while the lease
+        holds, in the same statement, so a worker that lost its step cannot
+        write over what the worker that took it over saved."""
         self.release.state.update(values)
-        Release.objects.filter(pk=self.release.pk).update(state=self.release.state)
+        rows = Release.objects.filter(pk=self.release.pk)
+        if self.lease is not None:
+            rows = rows.filter(steps__pk=self.lease.step_id, steps__lease_owner=self.lease.owner,
+                               steps__status=Step.Status.RUNNING)
+        if not rows.update(state=self.release.state) and self.lease is not None:
+            self.lease.lost.set()
+            raise LeaseLost()
+
+    def lease_lost(self) -> bool:
+        """At most one look at the row a second (the heartbeat's flag is seen at once)."""
+        if self.lease is None:
+            return False
+        if self.lease.lost.is_set():
+            return True
+        if time.monotonic() - self._lease_checked > 1:
+            self._lease_checked = time.monotonic()
+            return not self.lease.held()
+        return False
+
+    def check_lease(self) -> None:
+        """The fence before touching AWS or a host: a fresh look at the row."""
+        if self.lease is not None:
+            self.lease.check()
 
     def cancelled(self) -> bool:
-        if self.step is None or self.step.kind == Step.Kind.ROLLBACK:
-            return False  # a rollback is not itself cancellable
+        if self.step is None or self.step.kind == Step.Kind.ROLLBACK or self.step.key == CANCEL_ENDS_AT:
+            return False  # a rollback is not itself cancellable, nor a release that is past its swap
         if not self._cancelled and time.monotonic() - self._cancel_checked > 1:
             self._cancel_checked = time.monotonic()
             self._cancelled = Release.objects.filter(pk=self.release.pk, cancel_requested=True).exists()
         return self._cancelled
 
+    def stopping(self) -> bool:
+        """What a running command asks, several times a second: stop (cancelled, or the lease lost)?"""
+        return self.lease_lost() or self.cancelled()
+
     def check_cancel(self) -> None:
+        """Before a command: LeaseLost if the step is no longer ours, Cancelled if a person cancelled."""
+        self.check_lease()
         if self.cancelled():
             raise Cancelled()
 
@@ -332,7 +395,7 @@ def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
 
 
 def run_command(ctx: Context, row: Instance, command: recipe.Command, timeout: float) -> None:
-    ctx.check_cancel()
+    ctx.check_cancel()  # the lease too: a worker that lost its step must not run a command on a host
     ctx.log.write(ctx.key, f"$ {command.text}", host=row.name, stream="info")
     stderr: list[str] = []
 
@@ -346,13 +409,13 @@ def run_command(ctx: Context, row: Instance, command: recipe.Command, timeout: f
             # the environment's own AWS credentials only for a task that declares it calls AWS
             credentials = aws.task_environment(ctx.cloud.account) if command.aws else None
             status = local.run_in_scratch(command.text, user=settings.LOCAL_TASK_USER, extra_env=credentials,
-                                          timeout=timeout, on_line=on_line, cancelled=ctx.cancelled)
+                                          timeout=timeout, on_line=on_line, cancelled=ctx.stopping)
         else:
-            status = ssh.run(target(ctx, row), command.text, timeout=timeout, on_line=on_line, cancelled=ctx.cancelled).exit_status
+            status = ssh.run(target(ctx, row), command.text, timeout=timeout, on_line=on_line, cancelled=ctx.stopping).exit_status
     except CommandCancelled:
+        ctx.check_lease()  # stopped because the lease was lost: LeaseLost, not a cancel
         raise Cancelled() from None
-    if ctx.cancelled():
-        raise Cancelled()
+    ctx.check_cancel()
     if status != 0:
         last = ctx.log.redact(stderr[-1]) if stderr else "no output on stderr"
         raise StepFailed(f"{command.task} failed on {row.name} (exit {status}): {last}")
@@ -696,4 +759,4 @@ def swap_card(ctx: Context) -> dict:
 
 GATE_CARDS = {"verify_directly": verify_card, "swap_elb": swap_card}
 
-__all__ = ["ACTIONS", "GATE_CARDS", "Cancelled", "Context", "StepFailed", "Wait"]
+__all__ = ["ACTIONS", "GATE_CARDS", "Cancelled", "Context", "Lease", "LeaseLost", "StepFailed", "Wait"]

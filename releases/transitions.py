@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from django.db import transaction
 
-from . import broadcast
+from . import broadcast, plan
 from .models import Release, StatusChange, Step
 
 R, S = Release.Status, Step.Status
@@ -68,6 +68,20 @@ def statuses_allowing(action: str, *, table: dict = RELEASE_MOVES) -> tuple[str,
 
 def person_actions(status: str) -> set[str]:
     return {action for action in PERSON_ACTIONS if allows(status, action)}
+
+
+def too_late_to_cancel(steps) -> bool:
+    """Whether a release with these steps is past the point where a cancel
+    is possible: `plan.CANCEL_ENDS_AT` has started (a status alone cannot
+    say it; the release is `running` before and after)."""
+    return any(s.key == plan.CANCEL_ENDS_AT and s.kind == Step.Kind.ACTION and (s.status != S.PENDING or s.attempts)
+               for s in steps)
+
+
+def too_late_to_cancel_reason(release_id: int) -> str:
+    return (f"release {release_id} is past its swap: the new fleet serves and the old one is being stopped "
+            f"({plan.CANCEL_ENDS_AT}), so it can no longer be cancelled; roll it back instead "
+            f"(Roll back is offered once {plan.CANCEL_ENDS_AT} ends)")
 
 
 def _move(model, table, pk: int, action: str, *, extra_filter: dict, release_id, step_id, reason: str, actor,

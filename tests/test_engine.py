@@ -180,3 +180,37 @@ def test_the_table_of_moves_refuses_what_it_does_not_list_and_records_what_it_do
     history = [(h.action, h.from_status, h.to_status, h.reason) for h in StatusChange.objects.filter(release=release)]
     assert history == [("create", "", "queued", ""), ("start", "queued", "running", ""),
                        ("fail", "running", "failed", "launch failed")]
+
+
+def test_a_cancel_that_lands_while_a_step_looks_at_aws_stops_it_then_and_there(one_step):
+    undone = []
+
+    def looks_then_waits(ctx):  # the person's click arrives while this worker holds the step
+        Release.objects.filter(pk=one_step.pk).update(cancel_requested=True)
+        raise steps.Wait("thing", "the thing", timeout=60)
+
+    with mock.patch.dict(steps.ACTIONS, {"launch": looks_then_waits, "stop_new": lambda ctx: undone.append(ctx.key)}):
+        assert run(one_step.pk) is None  # no countdown: nothing is left to wait for
+
+    release = Release.objects.get(pk=one_step.pk)
+    assert release.status == "cancelled" and undone == ["stop_new"]
+    assert release.steps.get(key="launch").error == "cancelled"
+
+
+def test_a_cancel_asked_once_the_old_fleet_is_being_stopped_changes_nothing(one_step):
+    frozen = {**one_step.plan, "steps": [{"key": "stop_old", "kind": "action"}]}
+    Release.objects.filter(pk=one_step.pk).update(plan=frozen)
+    one_step.steps.all().delete()
+    # stop_old started and waits for the old instances to stop; a cancel slips in
+    one_step.steps.create(position=0, key="stop_old", kind="action", status="running", attempts=1,
+                          wake_at=timezone.now() - timedelta(seconds=1))
+    Release.objects.filter(pk=one_step.pk).update(cancel_requested=True)
+    stop_old = mock.Mock(return_value={"stopped": []})
+
+    Release.objects.filter(pk=one_step.pk).update(status="running")
+    with mock.patch.dict(steps.ACTIONS, {"stop_old": stop_old}):
+        engine.advance(one_step.pk)
+
+    stop_old.assert_called_once()
+    release = Release.objects.get(pk=one_step.pk)
+    assert release.status == "succeeded" and not release.steps.filter(kind="rollback").exists()
