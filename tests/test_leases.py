@@ -39,7 +39,7 @@ def test_cancelling_while_register_new_waits_for_in_service_ends_cancelled_with_
 
     assert release.status == "cancelled", (release.error, [(s.key, s.status, s.error) for s in release.steps.all()])
     assert release.steps.get(key="register_new").error == "cancelled"
-    assert [s.key for s in release.steps.filter(kind="rollback")] == ["restore_old", "retire_new", "stop_new", "revoke_access"]
+    assert [s.key for s in release.steps.filter(kind="rollback")] == ["restore_old", "retire_new", "stop_new", "remove_image", "revoke_access"]
     assert all(s.status == "succeeded" for s in release.steps.filter(kind="rollback"))
     assert set(cloud(prepan).registered()) == old
     assert revisions_behind(prepan.public_url) == {before}
@@ -222,7 +222,7 @@ def test_a_worker_that_loses_its_lease_makes_no_aws_call_and_saves_nothing(sandb
             thread, outcome = run_in_thread(release, step)
             assert reached.wait(30)
             first = Step.objects.get(pk=step.pk).lease_expires_at
-            wait_for(lambda: Step.objects.get(pk=step.pk).lease_expires_at > first, 5, 0.1, "the heartbeat to renew the lease")
+            wait_for(lambda: Step.objects.get(pk=step.pk).lease_expires_at > first, 15, 0.1, "the heartbeat to renew the lease")
             moves = take_over(step)
             resumed.set()
             thread.join(30)
