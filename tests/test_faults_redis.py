@@ -215,7 +215,7 @@ def test_an_idle_release_page_keeps_its_websocket(prepan, web, browser):
     assert page.evaluate("greenlightLog.socket.readyState") == 1  # OPEN
     assert len(page.websockets) == 1
     log = web.output()[before:]
-    assert "1011" not in log and "Traceback" not in log, log[-3000:]
+    assert "Exception inside application" not in log and "Traceback" not in log, log[-3000:]
     page.context.close()
 
 
