@@ -31,7 +31,7 @@ from tests.helpers import ROOT, free_port, wait_for
 from tests.release_helpers import person, wait_gate, wait_status
 from tests.test_browser import sign_in, wait_in
 
-pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.sandbox
 
 
 class RedisServer:
@@ -163,6 +163,7 @@ def ticking_recipe(environment: Environment, ticks: int, pause: float) -> None:
     Environment.objects.filter(pk=environment.pk).update(recipe=recipe)
 
 
+@pytest.mark.django_db(transaction=True)
 def test_a_worker_outlives_redis_restarting_under_a_running_step_and_the_release_reaches_its_gate(
         prepan, own_redis, worker):
     ticking_recipe(prepan, ticks=16, pause=0.25)
@@ -198,6 +199,7 @@ def test_a_worker_outlives_redis_restarting_under_a_running_step_and_the_release
     assert wait_status(release.pk, "cancelled", timeout=90).status == "cancelled"
 
 
+@pytest.mark.django_db(transaction=True)
 def test_an_idle_release_page_keeps_its_websocket(prepan, web, browser):
     viewer = person("vic", "viewer")
     release = Release.objects.create(environment=prepan, revision="v2", fleet_size=1, plan={"environment": {"four_eyes": True}},
@@ -219,6 +221,7 @@ def test_an_idle_release_page_keeps_its_websocket(prepan, web, browser):
     page.context.close()
 
 
+@pytest.mark.django_db(transaction=True)
 def test_the_page_reconnects_and_back_fills_through_redis_and_the_web_server_restarting(
         prepan, own_redis, web, browser, settings):
     # the lines this test writes are broadcast through our Redis, as the worker's would be
@@ -281,3 +284,31 @@ def test_the_page_reconnects_and_back_fills_through_redis_and_the_web_server_res
     texts = page.evaluate("greenlightLog.lines.map(l => l.text)")
     assert texts == [f"line {n}" for n in range(1, last + 1)]
     page.context.close()
+
+
+@pytest.fixture
+def broker_down():
+    """This process's Celery app, sending to a port nothing listens on."""
+    from deployer.celery import app
+
+    def reset():
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app._pool, app.amqp._producer_pool = None, None
+
+    before = app.conf.broker_url
+    app.conf.broker_url = f"redis://127.0.0.1:{free_port()}/0"
+    reset()
+    yield
+    app.conf.broker_url = before
+    reset()
+
+
+def test_queueing_a_release_while_the_broker_is_down_is_a_warning_for_the_sweep_to_mend(broker_down, caplog):
+    release_id = 12345
+
+    assert tasks.nudge(release_id) is False
+    assert tasks.nudge(release_id, countdown=5) is False
+
+    warnings = [r.getMessage() for r in caplog.records if r.name == "releases.tasks"]
+    assert warnings == [f"could not queue release {release_id} (the sweep will nudge it when the broker is back): OperationalError"] * 2
