@@ -135,8 +135,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 
-# channels-redis waits for a socket's next message with a blocking pop of
-# BRPOP_SECONDS (its own constant, 5 s); redis-py gives up on a socket that
+# channels-redis waits for a socket's next message with a blocking pop of 5 s
+# (its own constant, below); redis-py gives up on a connection that
 # says nothing for socket_timeout, 5 s by default. Equal, so every idle socket
 # was closed (1011) every few seconds. The socket timeout is longer than the
 # pop, so only a Redis that really stopped answering ends a socket (it is

@@ -14,14 +14,12 @@ itself, and its {"after": seq} fills in what it missed.
 import json
 import logging
 
-from redis.exceptions import RedisError
-
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from redis.exceptions import RedisError
 
 from . import broadcast, params, permissions, selectors
 from .models import Release
-
 
 log = logging.getLogger(__name__)
 USAGE = 'send {"after": <seq>} to replay the log'
