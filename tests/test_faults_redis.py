@@ -120,8 +120,10 @@ def web(own_redis, worker, tmp_path_factory):
     child.stop()
 
 
+# The tests' own Celery apps are never the current app: the project's tasks
+# would follow one to a Redis that is gone once this module ends.
 def answers_ping(redis_url: str, name: str) -> bool:
-    app = Celery(broker=redis_url)
+    app = Celery(broker=redis_url, set_as_current=False)
     try:
         return bool(app.control.ping(timeout=0.5, destination=[name]))
     except Exception:
@@ -132,7 +134,7 @@ def answers_ping(redis_url: str, name: str) -> bool:
 
 def send_to(redis_url: str, release_id: int, **options) -> str:
     """Queue a nudge on that broker; its task id."""
-    app = Celery(broker=redis_url)
+    app = Celery(broker=redis_url, set_as_current=False)
     try:
         return app.send_task("releases.tasks.advance_release", (release_id,), **options).id
     finally:
