@@ -136,10 +136,22 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 
+# channels-redis waits for a socket's next message with a blocking pop of 5 s
+# (its own constant, below); redis-py gives up on a connection that
+# says nothing for socket_timeout, 5 s by default. Equal, so every idle socket
+# was closed (1011) every few seconds. The socket timeout is longer than the
+# pop, so only a Redis that really stopped answering ends a socket (it is
+# still noticed: keepalive, and a pop that does not answer in time).
+CHANNEL_LAYER_BRPOP_SECONDS = 5  # channels_redis.core.RedisChannelLayer.brpop_timeout
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "CONFIG": {"hosts": [{
+            "address": REDIS_URL,
+            "socket_timeout": CHANNEL_LAYER_BRPOP_SECONDS + 10,
+            "socket_connect_timeout": 2,
+            "socket_keepalive": True,
+        }]},
     },
 }
 
@@ -160,6 +172,20 @@ if not LEASE_SECONDS >= 1:
     raise ImproperlyConfigured(f"LEASE_SECONDS is {LEASE_SECONDS:g}: a step's lease needs at least 1 second")
 if not SWEEP_SECONDS > 0:
     raise ImproperlyConfigured(f"SWEEP_SECONDS is {SWEEP_SECONDS:g}: the sweep needs a period above 0 seconds")
+# A worker must outlive a Redis restart. With kombu's ack emulation, a worker
+# that loses Redis while it holds an unacknowledged message (a task at work, or
+# a countdown waiting in memory) crashes restoring it: "Unrecoverable error:
+# AttributeError('NoneType' object has no attribute 'hostname')", because the
+# broken connection is torn down before the message is put back. Without ack
+# emulation a message leaves Redis when a worker takes it; one that a dead or
+# disconnected worker never finished is not lost work, only a lost nudge: the
+# database holds the release, and the sweep (leases, due waits, queued
+# releases) nudges it again. That is also what notices a dead worker, never
+# Redis's visibility timeout.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"ack_emulation": False}
+# A task at work when Redis goes away finishes its step (it needs the database,
+# not Redis); cancelling it would throw that work away for the sweep to redo.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_BEAT_SCHEDULE = {
     # re-queue steps whose worker died, expire gates, terminate retired instances
     "sweep": {"task": "releases.tasks.sweep", "schedule": SWEEP_SECONDS},

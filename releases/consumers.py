@@ -5,21 +5,39 @@ live events. It joins the group before replaying, so nothing falls between
 the two; it drops the duplicates that overlap by their seq. Anything else it
 sends (not JSON, binary, not an object, a bad `after`) is answered with
 {"type": "error", ...} and the connection stays open.
+
+When the channel layer (Redis) stops answering, the socket is closed with
+4503 (unavailable) and one warning, not a traceback: the page reconnects by
+itself, and its {"after": seq} fills in what it missed.
 """
 
 import json
+import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from redis.exceptions import RedisError
 
 from . import broadcast, params, permissions, selectors
 from .models import Release
 
-
+log = logging.getLogger(__name__)
 USAGE = 'send {"after": <seq>} to replay the log'
+UNAVAILABLE = 4503  # like 4403 and 4404: an HTTP status in 4000-4999, the close codes left to applications
 
 
 class ReleaseConsumer(AsyncJsonWebsocketConsumer):
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except (RedisError, OSError) as exc:  # OSError: a refused or reset connection, or a timeout
+            log.warning("closing a release feed: the channel layer is not answering (%s); the page will reconnect",
+                        type(exc).__name__)
+            try:
+                await send({"type": "websocket.close", "code": UNAVAILABLE})
+            except Exception:  # the browser went first
+                pass
+
     async def connect(self):
         self.release_id = int(self.scope["url_route"]["kwargs"]["release_id"])
         user = self.scope.get("user")

@@ -97,7 +97,7 @@ def _close_open_gates(release: Release, reason: str, actor) -> None:
 
 
 def _queue(release_id: int) -> None:
-    transaction.on_commit(lambda: tasks.advance_release.delay(release_id))
+    transaction.on_commit(lambda: tasks.nudge(release_id))
 
 
 def _refuse(release: Release, action: str, what: str) -> None:

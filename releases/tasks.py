@@ -1,16 +1,41 @@
 """Celery entry points: ids in, the engine does the work, and a release that
 waits on AWS is queued again with a countdown rather than held by a worker."""
 
+import logging
+
 from celery import shared_task
+from kombu.exceptions import OperationalError
 
 from . import engine
+
+log = logging.getLogger(__name__)
+
+
+def nudge(release_id: int, *, countdown: float | None = None) -> bool:
+    """Queue `advance_release`; False when the broker cannot take it now.
+
+    A message is a nudge, not the work: the release is in the database, and
+    the sweep nudges every release that is due (a wait whose time has come, a
+    queued release, a step whose worker died) once Redis answers again. So a
+    broker that is down costs a delay, never a crashed task or a failed request.
+    """
+    try:
+        if countdown is None:
+            advance_release.delay(release_id)
+        else:
+            advance_release.apply_async((release_id,), countdown=countdown)
+    except OperationalError as exc:
+        log.warning("could not queue release %s (the sweep will nudge it when the broker is back): %s",
+                    release_id, type(exc).__name__)
+        return False
+    return True
 
 
 @shared_task(acks_late=True)
 def advance_release(release_id: int) -> None:
     delay = engine.advance(release_id)
     if delay is not None:
-        advance_release.apply_async((release_id,), countdown=delay)
+        nudge(release_id, countdown=delay)
 
 
 @shared_task(acks_late=True)
@@ -23,5 +48,5 @@ def rollback_release(release_id: int) -> None:
 def sweep() -> dict:
     result = engine.sweep()
     for release_id in result["nudge"]:
-        advance_release.delay(release_id)
+        nudge(release_id)
     return {**result, "nudge": len(result["nudge"])}

@@ -43,29 +43,44 @@
     if (added) schedule();
   }
 
+  // Lines are added only in order: a line past a gap waits (in `pending`)
+  // until the gap is fetched, so the log never skips a number it will not
+  // get back.
   function receive(lines) {
-    if (!lines.length) return;
-    if (state.filling || lines[0].seq > state.lastSeq + 1) {  // a gap: fetch what is missing first
-      state.pending = state.pending.concat(lines);
-      backfill();
-      return;
+    var next = state.lastSeq, ready = [];
+    for (var i = 0; i < lines.length; i++) {
+      if (lines[i].seq <= next) continue;  // seen it
+      if (state.filling || lines[i].seq > next + 1) {  // a gap: fetch what is missing first
+        state.pending = state.pending.concat(lines.slice(i));
+        break;
+      }
+      ready.push(lines[i]);
+      next = lines[i].seq;
     }
-    add(lines);
+    add(ready);
+    if (state.pending.length) backfill();
   }
 
   function backfill() {
     if (state.filling) return state.filling;
     state.filling = (function page() {
       return fetch(root.dataset.logsUrl + "?after=" + state.lastSeq, { credentials: "same-origin" })
-        .then(function (r) { return r.json(); })
+        .then(function (r) {
+          if (!r.ok) throw new Error("the log answered " + r.status);
+          return r.json();
+        })
         .then(function (data) {
           add(data.lines);
           if (data.lines.length) return page();
         });
-    })().finally(function () {
+    })().then(function () {
       state.filling = null;
       var pending = state.pending; state.pending = [];
-      add(pending);
+      receive(pending);  // what came meanwhile; a gap still in it starts another back-fill
+    }, function () {
+      // the server is away (restarting, say): keep what waits, and ask again soon
+      state.filling = null;
+      setTimeout(backfill, 1000);
     });
     return state.filling;
   }
