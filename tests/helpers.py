@@ -160,3 +160,18 @@ class SandboxProcess:
         lines: list[tuple[str, str]] = []
         result = ssh.run(self.target(instance), command, on_line=lambda s, t: lines.append((s, t)), **kwargs)
         return result, lines
+
+
+def own_redis_url(url: str) -> str:
+    """A Redis database beside `url`'s, emptied: for a stack the tests start
+    (a demo), so that its worker and the tests' own never take each other's
+    tasks. The database before `url`'s, wrapping at 0."""
+    import redis
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0)
+    own = urlunsplit(parts._replace(path=f"/{(db - 1) % 16}"))
+    redis.Redis.from_url(own).flushdb()
+    return own
+

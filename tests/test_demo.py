@@ -9,9 +9,10 @@ import time
 
 import pytest
 import requests
+from django.conf import settings
 
 from deployer.sandbox.hosts import processes_marked
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, free_port, own_redis_url, wait_for
 
 pytestmark = pytest.mark.sandbox
 
@@ -22,6 +23,7 @@ def test_the_demo_serves_a_login_and_the_seeded_environment_then_stops_cleanly(t
         **os.environ,
         "GREENLIGHT_VAR_DIR": str(tmp_path),
         "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",  # the zero-setup default
+        "REDIS_URL": own_redis_url(settings.REDIS_URL),  # the tests' worker must not take the demo's tasks
         "DEMO_ADMIN_PASSWORD": "demo-password-for-tests",
         "DEMO_REVIEWER_PASSWORD": "reviewer-password-for-tests",
         "SANDBOX_AWS_PORT": "0",
@@ -102,6 +104,7 @@ class Demo:
             **os.environ,
             "GREENLIGHT_VAR_DIR": str(directory),
             "DATABASE_URL": f"sqlite:///{directory / 'demo.sqlite3'}",
+            "REDIS_URL": own_redis_url(settings.REDIS_URL),  # the tests' worker must not take the demo's tasks
             "DEMO_ADMIN_PASSWORD": "demo-password-for-tests",
             "DEMO_REVIEWER_PASSWORD": "reviewer-password-for-tests",
             # fixed ports, so that a restarted sandbox answers where the first one did

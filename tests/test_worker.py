@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from celery import Celery
 
 from deployer.celery import app
 from tests.helpers import ROOT, wait_for
@@ -27,6 +28,12 @@ def worker(tmp_path):
 def test_a_worker_comes_up_on_the_redis_broker(worker):
     name = f"test-worker-{os.getpid()}@{os.uname().nodename}"
 
-    replies = wait_for(lambda: app.control.ping(timeout=0.5, destination=[name]), timeout=60, message="the worker to answer ping")
+    # a Celery app of the test's own: the process's shared one may have been pointed elsewhere by an earlier test
+    pinger = Celery("ping", broker=app.conf.broker_url, set_as_current=False)
+    try:
+        replies = wait_for(lambda: pinger.control.ping(timeout=0.5, destination=[name]), timeout=60,
+                           message="the worker to answer ping")
+    finally:
+        pinger.close()
 
     assert replies == [{name: {"ok": "pong"}}]
