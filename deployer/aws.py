@@ -128,11 +128,28 @@ def task_environment(account: Account) -> dict[str, str]:
     return variables
 
 
-def _error(exc: Exception, doing: str) -> AdapterError:
+# AWS's codes for "no such thing", and what the thing is called for people
+MISSING = {
+    "InvalidAMIID.NotFound": "image", "InvalidAMIID.Malformed": "image",
+    "InvalidGroup.NotFound": "security group", "InvalidGroupId.Malformed": "security group",
+    "InvalidKeyPair.NotFound": "key pair", "InvalidSubnetID.NotFound": "subnet",
+    "LoadBalancerNotFound": "load balancer", "TargetGroupNotFound": "target group",
+}
+
+
+def _error(exc: Exception, doing: str, names: dict[str, str] | None = None) -> AdapterError:
     """A short message: AWS's error code and message, never a response body
-    (what answered may not be AWS, and its page is not for people to read)."""
+    (what answered may not be AWS, and its page is not for people to read).
+    `names`: what the call was given, by kind ("image": "ami-..."), so that a
+    thing AWS does not know is named in words, not in AWS's own formats."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
+        kind = MISSING.get(error.get("Code", ""))
+        if kind and names and names.get(kind):
+            named = names[kind].split(", ")
+            # of several groups, the ones AWS's message names (AWS and moto both quote the id)
+            named = [n for n in named if n in str(error.get("Message", ""))] or named
+            return AdapterError(f"the {kind} {', '.join(named)} does not exist ({doing}: {error['Code']})")
         return AdapterError(f"{doing}: {error.get('Code', 'error')}: {str(error.get('Message', ''))[:300]}".rstrip(": "))
     if isinstance(exc, ResponseParserError):
         return AdapterError(f"{doing}: the endpoint did not answer like AWS")
@@ -219,7 +236,8 @@ class Cloud:
         # (the engine's fence: a worker that lost its lease must not change anything)
         self.before_mutation = before_mutation
 
-    def _mutate(self, action: str, resource: str, call, *args, ok_codes: Iterable[str] = (), **kwargs) -> dict:
+    def _mutate(self, action: str, resource: str, call, *args, ok_codes: Iterable[str] = (), names: dict | None = None,
+                **kwargs) -> dict:
         for pause in (*VISIBILITY_RETRIES, None):
             if self.before_mutation is not None:
                 self.before_mutation(action, resource)
@@ -233,7 +251,7 @@ class Cloud:
                 if code in NOT_YET_VISIBLE and pause is not None:
                     time.sleep(pause)
                     continue
-                raise _error(exc, f"{action} {resource}") from None
+                raise _error(exc, f"{action} {resource}", names) from None
             except (BotoCoreError, ResponseParserError) as exc:
                 raise _error(exc, f"{action} {resource}") from None
         self.on_mutation(action, resource, response.get("ResponseMetadata", {}).get("RequestId", ""))
@@ -243,7 +261,11 @@ class Cloud:
         try:
             return call(*args, **kwargs)
         except (ClientError, BotoCoreError, ResponseParserError) as exc:
-            raise _error(exc, doing) from None
+            raise _error(exc, doing, self._names) from None
+
+    @property
+    def _names(self) -> dict[str, str]:
+        return {"load balancer": self.load_balancer_name, "target group": self.target_group_arn}
 
     def _pages(self, doing: str, client, operation: str, key: str, **kwargs) -> list:
         try:
@@ -301,6 +323,8 @@ class Cloud:
             MaxCount=1,
             ClientToken=client_token,
             TagSpecifications=[{"ResourceType": "instance", "Tags": _tags(all_tags)}],
+            names={"image": image_id, "security group": ", ".join(security_group_ids), "key pair": key_name,
+                   "subnet": subnet_id},
         )
         return _instance_info(response["Instances"][0])
 

@@ -118,23 +118,36 @@ def connect(target: Target, *, timeout: float = 15) -> tuple[paramiko.SSHClient,
     return client, host_key_text(client.get_transport().get_remote_server_key())
 
 
+MAX_LINE = 65536  # bytes of one line kept; the rest is counted, not held (a 10 MB line must not fill a worker)
+
+
 class _LineSplitter:
+    """Bytes in, lines out: decoded as UTF-8 with U+FFFD for what is not (NUL
+    too, which no database text column holds), and cut at MAX_LINE bytes with
+    a note of how much was cut, so no line holds more than that in memory."""
+
     def __init__(self, stream: str, on_line: LineCallback | None):
-        self.stream, self.on_line, self.pending = stream, on_line, b""
+        self.stream, self.on_line, self.pending, self.cut = stream, on_line, b"", 0
 
     def feed(self, data: bytes) -> None:
-        *lines, self.pending = (self.pending + data).split(b"\n")
+        *lines, rest = (self.pending + data).split(b"\n")
         for line in lines:
             self._emit(line)
+        if len(rest) > MAX_LINE:
+            self.cut += len(rest) - MAX_LINE
+            rest = rest[:MAX_LINE]
+        self.pending = rest
 
     def flush(self) -> None:
-        if self.pending:
+        if self.pending or self.cut:
             self._emit(self.pending)
             self.pending = b""
 
     def _emit(self, line: bytes) -> None:
+        cut, self.cut = self.cut + max(len(line) - MAX_LINE, 0), 0  # what was cut of the line `pending` began
         if self.on_line:
-            self.on_line(self.stream, line.rstrip(b"\r").decode("utf-8", errors="replace"))
+            text = line[:MAX_LINE].rstrip(b"\r").decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+            self.on_line(self.stream, f"{text} [{cut} more bytes cut]" if cut else text)
 
 
 def run(

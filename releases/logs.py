@@ -59,6 +59,8 @@ class LogWriter:
         self.close()
 
     def write(self, step: str, text: str, *, host: str = "", stream: str = "info") -> None:
+        if "\x00" in text:
+            text = text.replace("\x00", "\ufffd")  # no text column of PostgreSQL's holds NUL
         with self.lock:
             self.pending.append((step, host, stream, self.redact(text, (step, host, stream)), timezone.now()))
             due = len(self.pending) >= BATCH_LINES or time.monotonic() - self.last_flush > BATCH_SECONDS

@@ -44,6 +44,8 @@ CONSOLE_GRACE = 180  # AWS seconds to wait for the host key in the console once 
 DRAINING_MARGIN = 60  # AWS seconds beyond the draining timeout before giving up on a target still draining
 MAX_DRAINING = 3600  # AWS's own ceiling for connection draining and deregistration delay
 IMAGE_VISIBLE = 60  # AWS seconds a new image may take to be listed (EC2 is eventually consistent)
+ERROR_LINE = 400  # characters of a command's output quoted in a step's error (the log has the whole line)
+UP = ("pending", "running")
 NEW = (Instance.Role.CANARY, Instance.Role.CLONE)
 
 
@@ -233,6 +235,29 @@ class Context:
         return f"http://{address}:{self.env['app_port']}{path}"
 
 
+# -- instances that die behind Greenlight's back -----------------------------------
+
+
+def fail_if_down(ctx: Context, ids: list[str], when: str) -> None:
+    """StepFailed naming each of `ids` that EC2 says is no longer up (someone
+    stopped or terminated it), `when` saying what the step was doing; their
+    rows take the state EC2 reports, so the page and the API show it too.
+    Asked when something about an instance went wrong (a command failed, a
+    check did not answer), so that the error says why, not only what."""
+    infos = ctx.cloud.instances(ids=ids) if ids else []
+    ctx.refresh(infos)
+    down = [i for i in infos if i.state not in UP]
+    if down:
+        raise StepFailed("; ".join(
+            f"the instance {i.id} ({i.name or ctx.names([i.id])}) "
+            f"{'stopped' if i.state in ('stopping', 'stopped') else 'was terminated'} (state: {i.state}) {when}"
+            for i in down))
+
+
+def excerpt(text: str) -> str:
+    return text if len(text) <= ERROR_LINE else f"{text[:ERROR_LINE]}... [{len(text) - ERROR_LINE} more characters cut]"
+
+
 # -- waits ------------------------------------------------------------------------
 
 
@@ -260,6 +285,7 @@ def in_service(ctx: Context, ids: list[str], key: str) -> None:
     states = ctx.cloud.health(ids)
     behind = [i for i in ids if states.get(i) != "InService"]
     if behind:
+        fail_if_down(ctx, behind, f"while {ctx.key} waited for it to be in service")
         check = ctx.cloud.health_check()
         detail = ", ".join(f"{ctx.names([i])} {states.get(i, 'not registered')}" for i in behind)
         raise Wait(key, f"{len(behind)} of {len(ids)} instances to be in service ({detail})",
@@ -340,10 +366,21 @@ def reachable(ctx: Context, row: Instance) -> None:
             Instance.objects.filter(pk=row.pk).update(host_key=preferred[0])
             row.host_key = preferred[0]
             ctx.info(f"pinned {row.name}'s host key from its console output", host=row.name)
-    ssh_wait = Wait(f"ssh:{row.instance_id}", f"SSH on {row.name} at {row.address}:{ctx.env['ssh_port']}",
+    def ssh_wait(why: str) -> Wait:
+        return Wait(f"ssh:{row.instance_id}", f"SSH on {row.name} at {row.address}:{ctx.env['ssh_port']} ({why})",
                     timeout=ctx.limit("ssh_timeout"), poll=10 * ctx.scale)
+
     if not ssh.listening(row.address, ctx.env["ssh_port"]):
-        raise ssh_wait
+        [info] = ctx.cloud.instances(ids=[row.instance_id]) or [None]
+        ctx.refresh([info] if info else [])
+        if info is not None and info.state in ("shutting-down", "terminated"):
+            raise StepFailed(f"the instance {row.instance_id} ({row.name}) was terminated (state: {info.state}); "
+                             "the release cannot go on")
+        if info is not None and info.state == "stopped":
+            # stopped behind our back (a retry after that failed the step): what the step needs is it running
+            ctx.cloud.start([row.instance_id])
+            ctx.info(f"{row.name} ({row.instance_id}) is stopped; starting it again", host=row.name)
+        raise ssh_wait(f"it is {info.state}" if info is not None and info.state != "running" else "nothing answers yet")
     if not row.host_key and ctx.waited(f"console:{row.instance_id}") < CONSOLE_GRACE * ctx.scale:
         raise Wait(f"console:{row.instance_id}", f"{row.name}'s host key in its console output",
                    timeout=(CONSOLE_GRACE + 60) * ctx.scale, poll=10 * ctx.scale)
@@ -352,7 +389,7 @@ def reachable(ctx: Context, row: Instance) -> None:
     except AdapterError as exc:
         if "host key" in str(exc):
             raise
-        raise ssh_wait from None
+        raise ssh_wait(str(exc)) from None  # a refused key may be cloud-init not done yet; the deadline says when not
     if not row.host_key:
         Instance.objects.filter(pk=row.pk).update(host_key=result.host_key)
         row.host_key = result.host_key
@@ -415,9 +452,15 @@ def run_command(ctx: Context, row: Instance, command: recipe.Command, timeout: f
     except CommandCancelled:
         ctx.check_lease()  # stopped because the lease was lost: LeaseLost, not a cancel
         raise Cancelled() from None
+    except AdapterError as exc:  # timed out, or the connection dropped
+        ctx.check_cancel()
+        fail_if_down(ctx, [row.instance_id], f"while {command.task} ran on it")
+        raise StepFailed(f"{command.task} failed on {row.name}: {exc}") from None
     ctx.check_cancel()
     if status != 0:
-        last = ctx.log.redact(stderr[-1]) if stderr else "no output on stderr"
+        # an exit by a signal (143: SIGTERM) is often the instance going down: say so if it is
+        fail_if_down(ctx, [row.instance_id], f"while {command.task} ran on it")
+        last = excerpt(ctx.log.redact(stderr[-1])) if stderr else "no output on stderr"
         raise StepFailed(f"{command.task} failed on {row.name} (exit {status}): {last}")
 
 
@@ -451,6 +494,7 @@ def smoke(ctx: Context, rows: list[Instance]) -> dict[str, list[str]]:
         results = dict(zip((r.name for r in rows), pool.map(check, rows)))
     failing = {name: [line for ok, line in checks if not ok] for name, checks in results.items() if not all(ok for ok, _ in checks)}
     if failing:
+        fail_if_down(ctx, [r.instance_id for r in rows if r.name in failing], f"while {ctx.key} checked it")
         name, lines = next(iter(failing.items()))
         raise Wait("smoke", f"{len(failing)} of {len(rows)} instances to pass their checks ({name}: {lines[0]})",
                    timeout=ctx.limit("smoke_timeout"), poll=5 * ctx.scale)
@@ -572,6 +616,8 @@ def register_new(ctx: Context) -> dict:
 
 
 def verify_production(ctx: Context, attempts: int = 10) -> dict:
+    # the load balancer routes around a dead instance, so the checks below would pass without it
+    fail_if_down(ctx, ctx.new_ids(), f"after it was put in service; {ctx.key} stops here")
     url = ctx.env["public_url"].rstrip("/")
     expect = ctx.env["expected_text"].replace("{revision}", ctx.release.revision)
     results = [http_check(url + "/") for _ in range(attempts)]
@@ -599,6 +645,8 @@ def take_out(ctx: Context, ids: list[str], mark: str) -> None:
 
 
 def deregister_old(ctx: Context) -> dict:
+    # never take the old fleet out from in front of a new one that is not there
+    fail_if_down(ctx, ctx.new_ids(), "after it was put in service; the old instances stay in service")
     take_out(ctx, ctx.old_ids(), "old_deregistered")
     return {}
 
