@@ -93,17 +93,13 @@ class LogWriter:
             if wait_for_row and connection.vendor == "postgresql":
                 with connection.cursor() as cursor:
                     cursor.execute(f"SET LOCAL lock_timeout = '{wait_for_row}'")
-            # numbers are handed out under the release row's lock, so two
-            # writers (a step and a rollback, say) never share a number
-            Release.objects.filter(pk=self.release_id).update(log_seq=F("log_seq") + len(batch))
-            last = Release.objects.values_list("log_seq", flat=True).get(pk=self.release_id)
-            first = last - len(batch) + 1
-            rows = [
-                LogLine(release_id=self.release_id, seq=first + i, step=step, host=host, stream=stream, text=text, at=at)
-                for i, (step, host, stream, text, at) in enumerate(batch)
-            ]
-            LogLine.objects.bulk_create(rows)
-        broadcast.log_lines(self.release_id, [line_dict(row) for row in rows])
+            first = _allocate(self.release_id, len(batch))
+            rows = [(self.release_id, first + i, step, host, stream, text, at) for i, (step, host, stream, text, at) in enumerate(batch)]
+            _insert(rows)
+        broadcast.log_lines(self.release_id, [
+            {"seq": seq, "step": step, "host": host, "stream": stream, "text": text, "at": at.isoformat()}
+            for _, seq, step, host, stream, text, at in rows
+        ])
 
     def _flush_quietly(self) -> bool:
         """The flusher's flush: True if it stored lines, False if there were none.
@@ -170,6 +166,38 @@ class _Flusher:
                     return
         finally:
             connection.close()  # this thread's own; Django closes only the request's
+
+
+COLUMNS = ("release", "seq", "step", "host", "stream", "text", "at")
+
+
+def _allocate(release_id: int, count: int) -> int:
+    """The first of `count` new sequence numbers for the release's lines.
+
+    They are handed out under the release row's lock (held to the end of the
+    transaction), so two writers (a step and a rollback, say) never share a
+    number; on PostgreSQL in one round trip.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f'UPDATE {Release._meta.db_table} SET log_seq = log_seq + %s WHERE id = %s RETURNING log_seq',
+                           [count, release_id])
+            return cursor.fetchone()[0] - count + 1
+    Release.objects.filter(pk=release_id).update(log_seq=F("log_seq") + count)
+    return Release.objects.values_list("log_seq", flat=True).get(pk=release_id) - count + 1
+
+
+def _insert(rows: list[tuple]) -> None:
+    """Store the rows (tuples in COLUMNS' order): PostgreSQL's COPY, which
+    costs a fraction of an INSERT of model instances per line."""
+    if connection.vendor != "postgresql":
+        LogLine.objects.bulk_create(LogLine(**{("release_id" if c == "release" else c): v for c, v in zip(COLUMNS, row)})
+                                    for row in rows)
+        return
+    columns = ", ".join(LogLine._meta.get_field(name).column for name in COLUMNS)
+    with connection.cursor() as cursor, cursor.cursor.copy(f"COPY {LogLine._meta.db_table} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def line_dict(line: LogLine) -> dict:
