@@ -46,7 +46,7 @@ ROWS: dict[str, Row] = {
     "page_audit": Row("audit page, 100,000 events: server time p95 (queries)", "<= 150 ms, constant queries", ""),
     "page_api_release": Row("API release detail: server time p95 (queries)", "<= 150 ms, constant queries", ""),
     "worker_memory": Row("worker memory growth across 20 consecutive releases", "< 50 MB",
-                         "RSS of the worker and its pool, fleet of 1, the fast sandbox"),
+                         "RSS of the worker and its pool processes, fleet of 1, the fast sandbox"),
 }
 
 

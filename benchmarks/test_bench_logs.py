@@ -75,25 +75,27 @@ class Watcher:
             self.process.wait()
 
 
-def stream(release_sandbox, instance, release: Release, command: str) -> float:
-    """Run `command` on the instance as a step would; the wall-clock time it started."""
+def stream(release_sandbox, instance, release: Release, command: str) -> tuple[float, float]:
+    """Run `command` on the instance as a step would; the wall-clock times it
+    started and its last line was stored."""
     writer = LogWriter(release.pk)
     started = time.time()
     with writer:
         result = ssh.run(release_sandbox.target(instance), command, timeout=300,
                          on_line=lambda stream, text: writer.write("deploy", text, host="bench-logs", stream=stream))
     assert result.exit_status == 0
-    return started
+    return started, time.time()
 
 
 def test_a_remote_commands_lines_reach_a_browser(release_sandbox, instance, web_server, release, bench):
     with Watcher(web_server, release, LINES, timeout=300) as watcher:
-        started = stream(release_sandbox, instance, release, f"seq -f 'line %.0f of a deploy that prints a lot' {LINES}")
+        started, stored = stream(release_sandbox, instance, release, f"seq -f 'line %.0f of a deploy that prints a lot' {LINES}")
         got = watcher.result()
 
     assert (got["received"], got["duplicates"]) == (LINES, 0)
     rate = LINES / (got["last_at"] - started)
-    bench.record("log_throughput", f"{rate:,.0f} lines/s", met=rate >= 20_000, seconds=round(got["last_at"] - started, 2))
+    bench.record("log_throughput", f"{rate:,.0f} lines/s (stored: {LINES / (stored - started):,.0f})", met=rate >= 20_000,
+                 seconds=round(got["last_at"] - started, 2), stored_seconds=round(stored - started, 2))
 
 
 def test_lines_arrive_soon_after_they_are_printed(release_sandbox, instance, web_server, release, bench):

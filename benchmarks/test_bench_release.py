@@ -24,7 +24,7 @@ from releases.models import Environment, Release
 from tests.helpers import SandboxProcess
 from tests.release_helpers import api, person, wait_gate, wait_status
 
-pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True), pytest.mark.timeout(900)]
 SCALE = 0.02
 CLIENTS, RATE = 8, 110  # requests per second, all clients together
 
@@ -125,7 +125,9 @@ def test_releases_under_load_and_by_fleet_size(sandbox, celery_worker, bench):
                  gaps_ms=[round(g, 1) for g in gaps])
 
 
-MEMORY_RELEASES = 20
+# 10, not the 20: a release takes 20-30 s on the fast sandbox of a busy
+# 2-core machine, and `make bench` is to end within about 10 minutes
+MEMORY_RELEASES = 10
 
 
 def worker_rss_mb() -> float:
@@ -153,4 +155,6 @@ def test_worker_memory_across_consecutive_releases(release_sandbox, celery_worke
     after = worker_rss_mb()
 
     growth = after - before
-    bench.record("worker_memory", f"{growth:+.1f} MB ({before:.0f} -> {after:.0f} MB)", met=growth < 50)
+    bench.record("worker_memory", f"{growth:+.1f} MB over {MEMORY_RELEASES} releases ({before:.0f} -> {after:.0f} MB)",
+                 met=growth < 50, anchor=f"RSS of the worker and its 2 pool processes, fleet of 1, the fast sandbox; "
+                                         f"{MEMORY_RELEASES} releases, not 20, to keep `make bench` near 10 minutes")
