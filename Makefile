@@ -41,7 +41,7 @@ screenshots: install-dev browser
 
 ## Measure the whole pipeline on the sandbox: prints one table, writes it to var/bench.json (about 10 minutes)
 bench: install-dev
-	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest benchmarks -q -s -p no:cacheprovider
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest benchmarks -q -p no:cacheprovider
 
 ## The browser tests drive Debian's Chromium (or $$CHROMIUM); installed here when we may
 browser:
