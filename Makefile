@@ -39,9 +39,9 @@ test: install-dev lint browser
 screenshots: install-dev browser
 	SCREENSHOTS=$(CURDIR)/docs/screenshots DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest tests/test_browser.py -k clicked_through
 
-## Measure the log pipeline's throughput and a release's time by fleet size (prints tables)
+## Measure the whole pipeline on the sandbox: prints one table, writes it to var/bench.json (about 10 minutes)
 bench: install-dev
-	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest benchmarks -q -s -p no:cacheprovider
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest benchmarks -q -p no:cacheprovider
 
 ## The browser tests drive Debian's Chromium (or $$CHROMIUM); installed here when we may
 browser:

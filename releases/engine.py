@@ -337,6 +337,9 @@ def fail(release: Release, step: Step, owner: str, writer: LogWriter, reason: st
 def open_gate(release: Release, step: Step) -> None:
     if step.status != S.PENDING:
         return
+    # the gate starts now: its card (smoke checks, instances from AWS) is its own
+    # work, and can take seconds on AWS; it is not time between two steps
+    started = timezone.now()
     context = steps.Context(release=release, step=step, cloud=release_cloud(release), log=writer_for(release))
     try:
         card = steps.GATE_CARDS[step.key](context)
@@ -344,7 +347,7 @@ def open_gate(release: Release, step: Step) -> None:
         card = {"warning": context.log.redact.text(str(exc))}
     timeout = release.plan["environment"]["gate_timeout"]
     with transaction.atomic():
-        opened = transitions.step(step.pk, "open", started_at=timezone.now(),
+        opened = transitions.step(step.pk, "open", started_at=started,
                                   deadline=timezone.now() + timedelta(seconds=timeout), result=card)
         if opened:
             transitions.release(release.pk, "open_gate", reason=f"{step.key} is open")

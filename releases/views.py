@@ -67,7 +67,7 @@ def dashboard(request):
     return render(request, template, {
         "waiting": selectors.waiting_on(request.user),
         "active": [(r, selectors.current_step(r)) for r in active],
-        "recent": [(r, selectors.approvers(r)) for r in selectors.releases_for_list(active=False, limit=20)],
+        "recent": selectors.recent_releases(limit=20),
         "can_deploy": permissions.can_deploy(request.user),
     })
 

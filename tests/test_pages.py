@@ -7,7 +7,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from releases import services
-from releases.models import AuditEvent, Environment, Recipe, Release, Step
+from releases.models import Approval, AuditEvent, Environment, Recipe, Release, Step
 from tests.release_helpers import person
 from tests.test_api import environment  # noqa: F401  (fixture)
 
@@ -206,6 +206,18 @@ def test_list_pages_make_the_same_number_of_queries_however_many_rows(client, en
         other = Environment.objects.create(**{**{f.name: getattr(environment, f.name) for f in Environment._meta.fields if f.name not in ("id",)}, "name": f"env-{n}"})
         services.release_create(environment=other, revision="v1", actor=dana)
     assert queries() == few
+
+
+def test_the_dashboard_names_who_decided_each_finished_release_s_gates(client, release):
+    ravi, vera = person("ravi", "approver"), person("vera", "approver")
+    Approval.objects.create(step=release.steps.get(key="verify_directly"), user=vera, decision="approve")
+    Approval.objects.create(step=release.steps.get(key="swap_elb"), user=ravi, decision="approve")
+    Release.objects.filter(pk=release.pk).update(status="succeeded")
+
+    page = signed_in(client, "viewer").get("/").content.decode()
+
+    row = page[page.index(f"#{release.pk}</a>"):]
+    assert "ravi, vera" in row[:row.index("</tr>")]
 
 
 @pytest.mark.parametrize("roles, action, refusal", [
