@@ -123,7 +123,8 @@ def test_an_environment_on_the_worker_s_default_chain_gives_a_declaring_task_not
     for name, value in WORKER.items():
         monkeypatch.setenv(name, value)
 
-    with pytest.raises(AdapterError, match="this environment uses the worker's default credential chain: give it a "
+    # the step names the task and the instance around the reason
+    with pytest.raises((AdapterError, steps.StepFailed), match="this environment uses the worker's default credential chain: give it a "
                                            r"credentials reference \(profile:NAME or env:PREFIX\)"):
         run_deploy(prepan, {"deploy:aws": report_task(aws=True)}, credentials="")
 
