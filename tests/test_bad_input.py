@@ -25,7 +25,7 @@ from deployer.sandbox.demo_recipe import RECIPE
 from releases import engine, plan, services, steps, tasks
 from releases.logs import LogWriter
 from releases.models import Environment, Instance, LogLine, Recipe, Release, Step
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, processes_with, wait_for
 from tests.release_helpers import api, person, revisions_behind, wait_status
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
@@ -181,19 +181,7 @@ def test_a_command_that_hangs_past_its_timeout_fails_deploy_and_is_ended(prepan,
     assert error == f"deploy:hang failed on {canary.name}: command timed out after 2s on {canary.address}"
     assert_nothing_orphaned_after_rollback(prepan, release_id, dana, old)
     # closing the session does not end a remote command (sshd sends no signal without a terminal); stopping the instance does
-    wait_for(lambda: not _running(b"sleep\x00313"), 10, 0.2, "the hung command to be ended")
-
-
-def _running(cmdline: bytes) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if cmdline in f.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
+    wait_for(lambda: not processes_with(b"sleep\x00313"), 10, 0.2, "the hung command to be ended")
 
 
 def test_ten_megabytes_on_one_line_are_cut_in_the_log_and_the_error(prepan, dana):

@@ -6,6 +6,7 @@ it lands (issue 9)."""
 import pytest
 
 from releases.models import LogLine, Release, Step
+from tests.helpers import processes_with
 from tests.release_helpers import LoadLoop, api, revisions_behind, wait_gate, wait_status
 from tests.test_api import environment  # noqa: F401  (fixture)
 from tests.test_releases import approve, assert_nothing_left, cloud, dana, prepan, ravi, serving, start, wait_for_step  # noqa: F401
@@ -48,8 +49,6 @@ def test_cancelling_while_register_new_waits_for_in_service_ends_cancelled_with_
     second = api(dana).post(f"/api/releases/{release_id}/cancel")
     assert second.status_code == 409 and "cancelled" in second.json()["error"]
     assert LogLine.objects.filter(release=release, step="register_new", text="cancelled").exists()
-
-
 
 
 # -- fencing: a worker that lost its lease stops touching the world ----------------------------------
@@ -132,20 +131,6 @@ def end(release) -> None:
     Release.objects.filter(pk=release.pk).update(status="cancelled")
 
 
-def _processes_running(needle: bytes) -> list[str]:
-    import os
-
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                if needle in cmdline.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
-
-
 @sandbox
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("where", ["remote", "local"])
@@ -167,7 +152,7 @@ def test_a_worker_that_loses_its_lease_mid_command_stops_the_command_and_runs_no
     try:
         thread, outcome = run_in_thread(release, step)
         wait_for(lambda: LogLine.objects.filter(release=release, text="started").exists(), 60, 0.1, "the command to start")
-        assert _processes_running(f"sleep\x00{seconds}".encode())
+        assert processes_with(f"sleep\x00{seconds}".encode())
 
         moves = take_over(step)
 
@@ -175,7 +160,7 @@ def test_a_worker_that_loses_its_lease_mid_command_stops_the_command_and_runs_no
         assert not thread.is_alive(), "the command went on after the lease was lost"
         assert outcome == {"result": None}, outcome
         if where == "local":  # its whole process group is ended
-            wait_for(lambda: not _processes_running(f"sleep\x00{seconds}".encode()), 10, 0.2, "the command to end")
+            wait_for(lambda: not processes_with(f"sleep\x00{seconds}".encode()), 10, 0.2, "the command to end")
         # a remote one is abandoned: its channel closed, it ends at its next write, as under sshd with no
         # terminal (and with the instance, below); what matters is that nothing more is started
         said = list(LogLine.objects.filter(release=release).values_list("text", flat=True))
