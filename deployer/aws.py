@@ -21,6 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
+from . import failpoints
 from .errors import AdapterError
 
 # Bounded: a hung endpoint must fail a step, not hang a worker forever.
@@ -254,6 +255,7 @@ class Cloud:
                 raise _error(exc, f"{action} {resource}", names) from None
             except (BotoCoreError, ResponseParserError) as exc:
                 raise _error(exc, f"{action} {resource}") from None
+        failpoints.reached(f"aws:{action}")
         self.on_mutation(action, resource, response.get("ResponseMetadata", {}).get("RequestId", ""))
         return response
 

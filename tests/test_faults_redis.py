@@ -9,82 +9,35 @@ database, as for every other process the tests start.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from unittest import mock
 
 import pytest
-import redis
 import requests
-from celery import Celery
 from django.conf import settings
 from django.db import connection
 
 from releases import services, tasks
 from releases.logs import LogWriter
 from releases.models import Environment, LogLine, Recipe, Release
-from tests.helpers import ROOT, free_port, wait_for
+from tests.faults import Child, RedisServer, answers_ping, send_to
+from tests.helpers import free_port, wait_for
 from tests.release_helpers import person, wait_gate, wait_status
 from tests.test_browser import sign_in, wait_in
 
 pytestmark = pytest.mark.sandbox
 
 
-class RedisServer:
-    """A Redis of the test's own, to kill and start again on the same port."""
-
-    def __init__(self, directory: Path):
-        self.directory, self.port = directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
-            stdout=(self.directory / "redis.log").open("ab"), stderr=subprocess.STDOUT)
-        wait_for(self.answers, 10, 0.05, "our redis-server")
-
-    def answers(self) -> bool:
-        try:
-            return redis.Redis.from_url(self.url, socket_timeout=1).ping()
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
+def test_database_url() -> str:
+    db = settings.DATABASES["default"]
+    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
-class Child:
-    """A worker or web server of the test's own, on its Redis and the test database."""
-
-    def __init__(self, args: list[str], directory: Path, redis_url: str, **env):
-        db = settings.DATABASES["default"]
-        self.args, self.log = args, directory / "out.log"
-        self.env = {**os.environ, "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-                    "REDIS_URL": redis_url, "CELERY_BROKER_URL": redis_url, "GREENLIGHT_VAR_DIR": str(directory),
-                    "SECRET_KEY": settings.SECRET_KEY, **env}
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+def on_test_database(args: list[str], directory, redis_url: str, **env) -> Child:
+    """On its Redis and the test database."""
+    return Child(args, directory, redis_url, test_database_url(), settings.SECRET_KEY, **env)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +51,7 @@ def own_redis(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker(own_redis, django_db_setup, django_db_blocker, tmp_path_factory):
     name = f"redis-faults-{os.getpid()}@{os.uname().nodename}"
-    child = Child([sys.executable, "-m", "celery", "-A", "deployer", "worker", "--beat", "--concurrency", "2",
+    child = on_test_database([sys.executable, "-m", "celery", "-A", "deployer", "worker", "--beat", "--concurrency", "2",
                    "-n", name, "--loglevel", "info", "--schedule", str(tmp_path_factory.getbasetemp() / "beat-schedule")],
                   tmp_path_factory.mktemp("worker"), own_redis.url, SWEEP_SECONDS="1")
     child.name = name
@@ -111,34 +64,13 @@ def worker(own_redis, django_db_setup, django_db_blocker, tmp_path_factory):
 @pytest.fixture(scope="module")
 def web(own_redis, worker, tmp_path_factory):
     port = free_port()
-    child = Child([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "deployer.asgi:application"],
+    child = on_test_database([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "deployer.asgi:application"],
                   tmp_path_factory.mktemp("web"), own_redis.url)
     child.url = f"http://127.0.0.1:{port}"
     child.start()
     wait_for(lambda: healthz(child.url)[0] == 200, 60, 0.2, "our web server")
     yield child
     child.stop()
-
-
-# The tests' own Celery apps are never the current app: the project's tasks
-# would follow one to a Redis that is gone once this module ends.
-def answers_ping(redis_url: str, name: str) -> bool:
-    app = Celery(broker=redis_url, set_as_current=False)
-    try:
-        return bool(app.control.ping(timeout=0.5, destination=[name]))
-    except Exception:
-        return False
-    finally:
-        app.close()
-
-
-def send_to(redis_url: str, release_id: int, **options) -> str:
-    """Queue a nudge on that broker; its task id."""
-    app = Celery(broker=redis_url, set_as_current=False)
-    try:
-        return app.send_task("releases.tasks.advance_release", (release_id,), **options).id
-    finally:
-        app.close()
 
 
 def healthz(base: str) -> tuple[int, dict]:
