@@ -25,12 +25,14 @@ import os
 import random
 import socket
 import threading
+import time
 import traceback
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
+from django.db import (DatabaseError, IntegrityError, InterfaceError, OperationalError, close_old_connections, connection,
+                       transaction)
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -205,8 +207,42 @@ def take(release: Release, step: Step, owner: str):
 
 def run_step(release: Release, step: Step, owner: str, *, resumed: bool = False):
     """Run one leased step: GO_ON when it succeeded, seconds when it waits, else None."""
-    with writer_for(release) as writer:
-        return _run_step(release, step, owner, writer, resumed=resumed)
+    writer = writer_for(release)
+    try:
+        with writer:
+            return _run_step(release, step, owner, writer, resumed=resumed)
+    except DATABASE_GONE as exc:
+        return database_lost(step, owner, writer, exc)
+
+
+# The database went away under a step: a restart, a failover, a cut connection.
+DATABASE_GONE = (OperationalError, InterfaceError)
+DATABASE_RETRIES = (0.5, 1, 2, 4)  # seconds before each try to hand the step back
+
+
+def database_lost(step: Step, owner: str, writer: LogWriter, exc: Exception):
+    """Hand the step back, saying why, as soon as the database answers again,
+    and go on: the step runs again at once, as after a worker's crash (it
+    adopts what it made). What it did before the cut may or may not be
+    recorded, so running it again is the only safe answer. If the database
+    stays away longer than these few tries, the lease runs out and the sweep
+    takes the step back; the task ends with the error."""
+    reason = f"the connection to the database was lost ({type(exc).__name__})"
+    log.warning("step %s of release %s: %s; handing it back once the database answers", step.key, step.release_id, reason)
+    for pause in DATABASE_RETRIES:
+        time.sleep(pause)
+        connection.close()
+        try:
+            if transitions.step(step.pk, "requeue", held_by=owner, lease_owner="", reason=reason,
+                                waiting_for=f"a worker to run it again: {reason}"[:300]):
+                writer.write(step.key, f"{step.key}: {reason}; running it again", stream="stderr")
+            writer.close()  # with whatever the step wrote before the cut
+            return GO_ON
+        except DATABASE_GONE:
+            continue
+    log.warning("step %s of release %s: the database is still away; the sweep takes the step back when its lease "
+                "runs out", step.key, step.release_id)
+    raise exc
 
 
 def _run_step(release: Release, step: Step, owner: str, writer: LogWriter, *, resumed: bool):
@@ -236,6 +272,8 @@ def _run_step(release: Release, step: Step, owner: str, writer: LogWriter, *, re
         if cancelling(release, step):
             return cancel_step(release, step, owner, writer)  # it failed because it was cancelled
         return fail(release, step, owner, writer, str(exc))
+    except DATABASE_GONE:
+        raise  # not the step's fault: run_step hands it back
     except Exception as exc:
         if not lease.held():
             return lost(release, step, owner)
@@ -423,8 +461,9 @@ def sweep() -> dict:
     nudge: set[int] = set()
     requeued = expired = terminated = 0
     for step in Step.objects.filter(status=S.RUNNING, lease_expires_at__lt=now).exclude(lease_owner=""):
-        # the worker's own id names the machine and process that went quiet
-        quiet = f"its worker ({step.lease_owner}) stopped answering"
+        # the worker's own id names the machine and process that went quiet (it died, was
+        # cut off, or lost the database for longer than it tries to hand the step back)
+        quiet = f"its worker ({step.lease_owner}) stopped renewing its lease"
         if transitions.step(step.pk, "requeue", held_by=step.lease_owner, lease_owner="", reason=quiet,
                             waiting_for=f"a worker to run it again: {quiet}"[:300]):
             with LogWriter(step.release_id) as writer:  # written and flushed now: why attempt 2 starts

@@ -77,7 +77,7 @@ class LogWriter:
     def flush(self) -> None:
         """Store and send every pending line before returning."""
         with self.flushing:
-            self._store(self._take())
+            self._store_or_put_back(self._take())
 
     def close(self) -> None:
         """Stop the background flusher and flush; a later write starts a new flusher."""
@@ -123,13 +123,18 @@ class LogWriter:
             batch = self._take()  # empty if a write's flush took the lines meanwhile
             if not batch:
                 return False
-            try:
-                self._store(batch, wait_for_row=BACKGROUND_LOCK_TIMEOUT)
-            except Exception:
-                with self.lock:
-                    self.pending[:0] = batch
-                raise
+            self._store_or_put_back(batch, wait_for_row=BACKGROUND_LOCK_TIMEOUT)
         return True
+
+    def _store_or_put_back(self, batch: list[tuple], **options) -> None:
+        """Lines that could not be stored (the database went away) go back in
+        front, in order, for the next flush(), close() or flusher."""
+        try:
+            self._store(batch, **options)
+        except Exception:
+            with self.lock:
+                self.pending[:0] = batch
+            raise
 
     def _retire(self, flusher: _Flusher, *, even_with_lines_pending: bool = False) -> bool:
         """Forget `flusher`, so the next write starts another; False if lines wait for it."""

@@ -82,7 +82,7 @@ class StepOut(serializers.Serializer):
     error = serializers.CharField(allow_blank=True)
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
-    waiting_for = serializers.CharField(allow_blank=True, help_text="what a running step waits for (AWS, or the sweep when its worker stopped answering), or "
+    waiting_for = serializers.CharField(allow_blank=True, help_text="what a running step waits for (AWS, or the sweep when its worker stopped renewing its lease), or "
                                         "why a pending step is to run again; empty otherwise")
     deadline = serializers.DateTimeField(allow_null=True, help_text="until when it waits (a running step or an open gate)")
 

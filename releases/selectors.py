@@ -260,7 +260,7 @@ def waiting_for(step: Step) -> str:
     """What a step waits for, for people: AWS, or, for a step whose worker
     went quiet, that it is being taken back (before and after the sweep)."""
     if step.status == Step.Status.RUNNING and step.lease_owner and step.lease_expires_at and step.lease_expires_at < timezone.now():
-        return "the sweep to take it back: its worker stopped answering"
+        return "the sweep to take it back: its worker stopped renewing its lease"
     if step.status in (Step.Status.RUNNING, Step.Status.PENDING):
         return step.waiting_for
     return ""

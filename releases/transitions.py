@@ -45,7 +45,7 @@ STEP_MOVES: dict[str, dict[str, str]] = {
     S.PENDING: {"start": S.RUNNING, "open": S.AWAITING_APPROVAL, "skip": S.SKIPPED},
     S.RUNNING: {
         "succeed": S.SUCCEEDED, "fail": S.FAILED, "cancel": S.FAILED,
-        "requeue": S.PENDING,  # its worker stopped answering
+        "requeue": S.PENDING,  # its worker stopped renewing its lease, or lost the database
     },
     S.AWAITING_APPROVAL: {"approve": S.SUCCEEDED, "reject": S.FAILED, "expire": S.FAILED, "close": S.FAILED},
     S.FAILED: {"retry": S.PENDING},

@@ -197,7 +197,7 @@ def kill_at_failpoint(stack: Stack, worker: Child, failpoint: str, release_id: i
 def taken_back(stack: Stack, release_id: int, step: str) -> None:
     """The sweep noticed the dead worker through its lease, not Redis's visibility timeout (an hour)."""
     line = f"{step}: its worker ("
-    wait_for(lambda: any(text.startswith(line) and text.endswith("stopped answering; running it again")
+    wait_for(lambda: any(text.startswith(line) and text.endswith("stopped renewing its lease; running it again")
                          for text in stack.log(release_id)), LEASE_SECONDS + SWEEP_SECONDS + 20, 0.2,
              f"the sweep to take {step} back")
 
@@ -295,4 +295,34 @@ def test_a_worker_killed_inside_each_kind_of_step_is_replaced_and_the_release_en
     assert_aws_holds(stack, release_id, running=0, images=0, registered=old)
     assert stack.steps(release_id)["restore_old"] == ("succeeded", 2)
     assert_each_step_succeeded_once(stack, release_id, ["restore_old", "retire_new", "stop_new", "remove_image", "revoke_access"])
+    worker.stop()
+
+
+def test_postgresql_restarted_under_a_running_step_then_the_web_server_restarted_at_a_gate(stack):
+    old = set(stack.cloud().registered())
+    worker = stack.worker()
+    release_id = stack.call("dana", "POST", "releases/", {"environment": "prepan", "revision": "v2", "clone_count": 1})["id"]
+    wait_for(lambda: "provisioning slowly" in stack.log(release_id), 120, 0.1, "provision's slow command")
+
+    stack.postgres.restart()  # every connection cut, mid-command; the server recovers from its WAL
+
+    # the step is handed back by its own worker, saying why, and run again: never a
+    # step left running with nothing running it, nor one failed for the database's fault
+    stack.wait_status(release_id, "awaiting_approval", "failed", timeout=120)
+    assert stack.steps(release_id)["provision"] == ("succeeded", 2)
+    log = stack.log(release_id)
+    assert "provision: the connection to the database was lost (OperationalError); running it again" in log
+    assert log.count("provision succeeded") == 1 and "provisioned" in log
+    seqs = [seq for (seq,) in stack.query("SELECT seq FROM releases_logline WHERE release_id = %s ORDER BY seq", release_id)]
+    assert seqs == list(range(1, len(seqs) + 1))  # each line stored once, none skipped
+    assert worker.process.poll() is None
+
+    # the web server killed at the gate, and started again: the gate is still there to approve
+    stack.web.kill()
+    stack.start_web()
+    approve(stack, release_id, "verify_directly")
+    wait_for(lambda: stack.steps(release_id)["swap_elb"][0] == "awaiting_approval", 120, 0.2, "the swap gate")
+    stack.call("ravi", "POST", f"releases/{release_id}/gates/swap_elb/reject", {"comment": "no"})
+    stack.wait_status(release_id, "rolled_back")
+    assert_aws_holds(stack, release_id, running=0, images=0, registered=old)
     worker.stop()

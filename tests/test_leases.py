@@ -271,17 +271,17 @@ def test_a_step_whose_worker_went_quiet_says_so_and_the_sweep_says_why_it_runs_a
 
     launch = client.get(f"/api/releases/{release.pk}/").json()["steps"][0]
     assert launch["status"] == "running"
-    assert launch["waiting_for"] == "the sweep to take it back: its worker stopped answering"
+    assert launch["waiting_for"] == "the sweep to take it back: its worker stopped renewing its lease"
 
     engine.sweep()  # ours, or that of a worker running beside the tests: the outcome is the same
 
     launch = client.get(f"/api/releases/{release.pk}/").json()["steps"][0]
     assert launch["status"] == "pending"
-    assert launch["waiting_for"] == "a worker to run it again: its worker (dead-host:41:1) stopped answering"
+    assert launch["waiting_for"] == "a worker to run it again: its worker (dead-host:41:1) stopped renewing its lease"
     line = LogLine.objects.get(release=release, step="launch")  # stored, not left in a buffer
-    assert line.text == "launch: its worker (dead-host:41:1) stopped answering; running it again" and line.stream == "stderr"
+    assert line.text == "launch: its worker (dead-host:41:1) stopped renewing its lease; running it again" and line.stream == "stderr"
     history = client.get(f"/api/releases/{release.pk}/").json()["history"]
-    assert {"step": "launch", "action": "requeue", "reason": "its worker (dead-host:41:1) stopped answering"}.items() <= history[-1].items()
+    assert {"step": "launch", "action": "requeue", "reason": "its worker (dead-host:41:1) stopped renewing its lease"}.items() <= history[-1].items()
 
 
 def test_the_lease_and_the_sweep_bound_how_long_a_dead_worker_holds_a_step(settings):
