@@ -329,7 +329,7 @@ def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> 
     if row := Instance.objects.filter(release=ctx.release, slot=slot).first():
         return row
     identity = ctx.identity
-    info = ctx.cloud.launch(
+    info, launched = ctx.cloud.launch(
         tags={"Name": name, **identity.tags(), aws.TAG_REVISION: ctx.release.revision},
         identity=identity.instance(slot),
         image_id=image,
@@ -339,7 +339,10 @@ def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> 
         security_group_ids=[*ctx.env["security_group_ids"], ctx.env["verify_security_group_id"]],
         client_token=identity.client_token(slot),
     )
-    ctx.info(f"launched {name} as {info.id} from {image}")
+    if launched:
+        ctx.info(f"launched {name} as {info.id} from {image}")
+    else:  # an earlier run of this step made it, and crashed before recording it
+        ctx.info(f"adopted {info.name or name} ({info.id}), which an earlier run of {ctx.key} launched")
     return ctx.record(info, role, slot)
 
 

@@ -262,12 +262,13 @@ def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, d
         release.steps.create(position=n, key=step["key"], kind=step["kind"])
 
     def run(key):
-        context = steps.Context(release=release, step=release.steps.get(key=key), cloud=engine.release_cloud(release), log=LogWriter(release.pk))
-        for _ in range(600):  # what the engine's timer would do, in a loop
-            try:
-                return steps.ACTIONS[key](context)
-            except steps.Wait:
-                time.sleep(0.1)
+        with LogWriter(release.pk) as writer:
+            context = steps.Context(release=release, step=release.steps.get(key=key), cloud=engine.release_cloud(release), log=writer)
+            for _ in range(600):  # what the engine's timer would do, in a loop
+                try:
+                    return steps.ACTIONS[key](context)
+                except steps.Wait:
+                    time.sleep(0.1)
         raise AssertionError(f"{key} kept waiting")
 
     first = run("launch")
@@ -277,6 +278,9 @@ def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, d
     second = run("launch")
 
     assert second["instance"] == first["instance"]
+    said = list(LogLine.objects.filter(release=release, step="launch").values_list("text", flat=True))
+    assert len([t for t in said if t.startswith("launched ")]) == 1, said  # the second run says it adopted it
+    assert [t for t in said if t.startswith("adopted ")] == [f"adopted {first['name']} ({first['instance']}), which an earlier run of launch launched"], said
     c = cloud(prepan)
     named = identity.of(release)
     assert not named.legacy
