@@ -74,10 +74,14 @@ class Lease:
         self.step_id, self.owner = step_id, owner
         self.lost = threading.Event()  # set by the heartbeat, or by a check that found the row gone
 
+    def rows(self):
+        """The step's row while this worker holds it: what the heartbeat renews and `held` looks for."""
+        return Step.objects.filter(pk=self.step_id, lease_owner=self.owner, status=Step.Status.RUNNING)
+
     def held(self) -> bool:
         if self.lost.is_set():
             return False
-        if not Step.objects.filter(pk=self.step_id, lease_owner=self.owner, status=Step.Status.RUNNING).exists():
+        if not self.rows().exists():
             self.lost.set()
         return not self.lost.is_set()
 
