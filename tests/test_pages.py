@@ -94,6 +94,7 @@ def test_an_approver_sees_the_gate_card_and_approves_once(client, release):
     client = signed_in(client, "approver", name="ravi")
     page = client.get(f"/releases/{release.pk}/").content.decode()
     assert 'class="approve"' in page and "http://127.0.0.1:1/" in page
+    assert f'maxlength="{services.COMMENT_LIMIT}"' in page  # the form's own limit, not a copy of it
 
     client.post(f"/releases/{release.pk}/gates/verify_directly/approve/", {"comment": "fine"})
     late = client.post(f"/releases/{release.pk}/gates/verify_directly/approve/", follow=True)
