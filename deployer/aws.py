@@ -301,8 +301,9 @@ class Cloud:
         subnet_id: str,
         security_group_ids: list[str],
         client_token: str,
-    ) -> InstanceInfo:
-        """One instance, found by its `identity` tags if an earlier try made it.
+    ) -> tuple[InstanceInfo, bool]:
+        """One instance, and whether this call launched it: False when it was
+        found by its `identity` tags, made by an earlier try.
 
         The client token makes AWS itself return the first instance to a
         repeated call, which covers the seconds in which a new instance is not
@@ -310,7 +311,7 @@ class Cloud:
         live = ("pending", "running", "stopping", "stopped")
         found = self.instances(tags=identity, states=live)
         if found:
-            return found[0]
+            return found[0], False
         all_tags = {**tags, **identity}
         response = self._mutate(
             "RunInstances",
@@ -328,7 +329,7 @@ class Cloud:
             names={"image": image_id, "security group": ", ".join(security_group_ids), "key pair": key_name,
                    "subnet": subnet_id},
         )
-        return _instance_info(response["Instances"][0])
+        return _instance_info(response["Instances"][0]), True
 
     def start(self, ids: Iterable[str]) -> None:
         if ids := list(ids):

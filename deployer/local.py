@@ -152,21 +152,21 @@ def _end_group(process: subprocess.Popen, pipes: _Pipes) -> None:
     group = process.pid  # start_new_session: the shell leads a group of its own id
     for sig, wait in ((signal.SIGTERM, GRACE_SECONDS), (signal.SIGKILL, KILL_WAIT_SECONDS)):
         process.poll()  # reap the shell, so it does not count as left as a zombie
-        if not _group_alive(group):
+        if not group_alive(group):
             break
         try:
             os.killpg(group, sig)
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait
-        while _group_alive(group) and time.monotonic() < deadline:
+        while group_alive(group) and time.monotonic() < deadline:
             pipes.read(0.05)
             process.poll()
     process.wait()
     pipes.drain()
 
 
-def _group_alive(group: int) -> bool:
+def group_alive(group: int) -> bool:
     """Whether a process of the group still runs (zombies do not: they hold no pipes and run nothing).
 
     Orphaned members are reaped by whatever PID 1 is, which in a container

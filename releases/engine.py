@@ -250,7 +250,7 @@ def _run_step(release: Release, step: Step, owner: str, writer: LogWriter, *, re
         writer.write(step.key, f"{step.key} started (attempt {step.attempts})")
     lease = steps.Lease(step.pk, owner)
     try:
-        with Heartbeat(Step.objects.filter(pk=step.pk, lease_owner=owner, status=S.RUNNING), "lease_expires_at", lease.lost):
+        with Heartbeat(lease.rows(), "lease_expires_at", lease.lost):
             context = steps.Context(release=release, step=step, cloud=release_cloud(release, lease.check), log=writer,
                                     lease=lease)
             result = steps.ACTIONS[step.key](context) or {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import namedtuple
 
 from django.db import connection, transaction
 from django.db.models import F
@@ -101,12 +102,9 @@ class LogWriter:
                 with connection.cursor() as cursor:
                     cursor.execute(f"SET LOCAL lock_timeout = '{wait_for_row}'")
             first = _allocate(self.release_id, len(batch))
-            rows = [(self.release_id, first + i, step, host, stream, text, at) for i, (step, host, stream, text, at) in enumerate(batch)]
+            rows = [StoredLine(self.release_id, first + i, *line) for i, line in enumerate(batch)]
             _insert(rows)
-        broadcast.log_lines(self.release_id, [
-            {"seq": seq, "step": step, "host": host, "stream": stream, "text": text, "at": at.isoformat()}
-            for _, seq, step, host, stream, text, at in rows
-        ])
+        broadcast.log_lines(self.release_id, [line_dict(row) for row in rows])
 
     def _flush_quietly(self) -> bool:
         """The flusher's flush: True if it stored lines, False if there were none.
@@ -181,6 +179,8 @@ class _Flusher:
 
 
 COLUMNS = ("release", "seq", "step", "host", "stream", "text", "at")
+# a line as it is stored (COPY writes it as a tuple), which `line_dict` reads like a LogLine
+StoredLine = namedtuple("StoredLine", COLUMNS)
 
 
 def _allocate(release_id: int, count: int) -> int:
@@ -199,9 +199,9 @@ def _allocate(release_id: int, count: int) -> int:
     return Release.objects.values_list("log_seq", flat=True).get(pk=release_id) - count + 1
 
 
-def _insert(rows: list[tuple]) -> None:
-    """Store the rows (tuples in COLUMNS' order): PostgreSQL's COPY, which
-    costs a fraction of an INSERT of model instances per line."""
+def _insert(rows: list[StoredLine]) -> None:
+    """Store the rows: PostgreSQL's COPY, which costs a fraction of an INSERT
+    of model instances per line."""
     if connection.vendor != "postgresql":
         LogLine.objects.bulk_create(LogLine(**{("release_id" if c == "release" else c): v for c, v in zip(COLUMNS, row)})
                                     for row in rows)
@@ -212,5 +212,6 @@ def _insert(rows: list[tuple]) -> None:
             copy.write_row(row)
 
 
-def line_dict(line: LogLine) -> dict:
+def line_dict(line: LogLine | StoredLine) -> dict:
+    """A line as the API, the websocket and the page's script read it."""
     return {"seq": line.seq, "step": line.step, "host": line.host, "stream": line.stream, "text": line.text, "at": line.at.isoformat()}

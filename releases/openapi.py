@@ -15,7 +15,7 @@ from drf_spectacular.views import SpectacularAPIView
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
-from . import params, transitions
+from . import params, services, transitions
 from .models import Approval, Instance, Release, Step
 
 
@@ -204,7 +204,7 @@ class ReleaseIn(serializers.Serializer):
 
 
 class CommentIn(serializers.Serializer):
-    comment = serializers.CharField(required=False, allow_blank=True, max_length=2000)
+    comment = serializers.CharField(required=False, allow_blank=True, max_length=services.COMMENT_LIMIT)
 
 
 # -- the operations ----------------------------------------------------------

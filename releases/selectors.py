@@ -158,12 +158,11 @@ def waiting_on(user) -> list[Step]:
     return [g for g in gates if not (g.release.plan["environment"].get("four_eyes") and g.release.requested_by_id == user.pk)]
 
 
-def releases_for_list(*, active: bool, limit: int = 50) -> list[Release]:
-    releases = Release.objects.select_related("environment", "requested_by").prefetch_related(
-        Prefetch("steps", queryset=Step.objects.prefetch_related(
-            Prefetch("approvals", queryset=Approval.objects.select_related("user")))))
-    releases = releases.filter(status__in=ACTIVE) if active else releases.exclude(status__in=ACTIVE)
-    return list(releases.order_by("-created_at")[:limit])
+def active_releases(*, limit: int = 50) -> list[Release]:
+    """Unfinished releases, newest first, with their steps (for `current_step`);
+    the finished ones are `recent_releases`."""
+    releases = Release.objects.select_related("environment", "requested_by").prefetch_related("steps")
+    return list(releases.filter(status__in=ACTIVE).order_by("-created_at")[:limit])
 
 
 def current_step(release: Release) -> Step | None:

@@ -68,14 +68,15 @@ def lost_race(exc: BaseException) -> bool:
 
 
 # git's own rules for a ref name, plus no leading "-" (it would read as an option)
-_BAD_REVISION = re.compile(r"(^-)|(\.\.)|(@\{)|([\s~^:?*\[\\\x00-\x1f\x7f])|(\.lock$)|(/$)|(^/)|(\.$)")
+# and no lone surrogate (a JSON body may carry "\ud800", which is no character in UTF-8)
+_BAD_REVISION = re.compile(r"(^-)|(\.\.)|(@\{)|([\s~^:?*\[\\\x00-\x1f\x7f\ud800-\udfff])|(\.lock$)|(/$)|(^/)|(\.$)")
 
 
 def validate_revision(revision: str) -> str:
     revision = (revision or "").strip()
     if not revision:
         raise BadInput("revision is required: a branch, tag or commit", field="revision")
-    if len(revision) > 200 or _BAD_REVISION.search(revision) or any("\ud800" <= c <= "\udfff" for c in revision):
+    if len(revision) > 200 or _BAD_REVISION.search(revision):
         raise BadInput(f"{revision[:60]!r} is not a valid branch, tag or commit name", field="revision")
     return revision
 

@@ -74,10 +74,14 @@ class Lease:
         self.step_id, self.owner = step_id, owner
         self.lost = threading.Event()  # set by the heartbeat, or by a check that found the row gone
 
+    def rows(self):
+        """The step's row while this worker holds it: what the heartbeat renews and `held` looks for."""
+        return Step.objects.filter(pk=self.step_id, lease_owner=self.owner, status=Step.Status.RUNNING)
+
     def held(self) -> bool:
         if self.lost.is_set():
             return False
-        if not Step.objects.filter(pk=self.step_id, lease_owner=self.owner, status=Step.Status.RUNNING).exists():
+        if not self.rows().exists():
             self.lost.set()
         return not self.lost.is_set()
 
@@ -329,7 +333,7 @@ def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> 
     if row := Instance.objects.filter(release=ctx.release, slot=slot).first():
         return row
     identity = ctx.identity
-    info = ctx.cloud.launch(
+    info, launched = ctx.cloud.launch(
         tags={"Name": name, **identity.tags(), aws.TAG_REVISION: ctx.release.revision},
         identity=identity.instance(slot),
         image_id=image,
@@ -339,7 +343,10 @@ def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> 
         security_group_ids=[*ctx.env["security_group_ids"], ctx.env["verify_security_group_id"]],
         client_token=identity.client_token(slot),
     )
-    ctx.info(f"launched {name} as {info.id} from {image}")
+    if launched:
+        ctx.info(f"launched {name} as {info.id} from {image}")
+    else:  # an earlier run of this step made it, and crashed before recording it
+        ctx.info(f"adopted {info.name or name} ({info.id}), which an earlier run of {ctx.key} launched")
     return ctx.record(info, role, slot)
 
 

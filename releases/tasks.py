@@ -40,7 +40,15 @@ def advance_release(release_id: int) -> None:
 
 @shared_task(acks_late=True)
 def rollback_release(release_id: int) -> None:
-    """A rollback is steps of the release like any other; this name stays for messages queued before."""
+    """Kept only for messages that an older Greenlight queued under this name.
+
+    A rollback used to be a task of its own; it is now the release's undo
+    steps, run by `advance_release` like any other. A message still waiting
+    in Redis (a countdown, or a queue not yet drained when the workers were
+    upgraded) names this task: without it a worker would log "unregistered
+    task" and drop the message, and that rollback would wait for the sweep.
+    Nothing queues it any more; it can go once no worker from before may
+    have left such a message behind."""
     advance_release(release_id)
 
 

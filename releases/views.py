@@ -62,7 +62,7 @@ def client_ip(request) -> str | None:
 
 @viewer
 def dashboard(request):
-    active = selectors.releases_for_list(active=True)
+    active = selectors.active_releases()
     template = "releases/_dashboard.html" if request.htmx else "releases/dashboard.html"  # htmx polls the body
     return render(request, template, {
         "waiting": selectors.waiting_on(request.user),

@@ -188,3 +188,11 @@ def processes_with(needle: bytes) -> list[str]:
             pass
     return found
 
+
+def running(pid: int | str) -> bool:
+    """Whether the process exists and is not a zombie (PID 1 here may never reap one)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False

@@ -10,8 +10,9 @@ import requests
 from django.contrib.auth.models import Group, User
 from rest_framework.test import APIClient
 
+from deployer import aws
 from releases import tokens
-from releases.models import ApiToken, Release
+from releases.models import ApiToken, Environment, Release
 from tests.helpers import wait_for
 
 
@@ -34,6 +35,21 @@ def token_for(user: User) -> str:
     key = hashlib.sha1(f"greenlight-test-{user.pk}-{user.get_username()}".encode()).hexdigest()
     ApiToken.objects.update_or_create(user=user, defaults={"prefix": key[:tokens.PREFIX], "digest": tokens.token_digest(key)})
     return key
+
+
+def cloud(environment: Environment) -> aws.Cloud:
+    """The environment's AWS as a release sees it, from its settings as stored
+    now (a test may have changed them with update())."""
+    from releases import engine, plan
+
+    return engine.cloud_for(plan.settings_of(Environment.objects.get(pk=environment.pk)))
+
+
+def start(user, revision: str, **extra) -> int:
+    """Start a release of prepan through the API; its id."""
+    response = api(user).post("/api/releases/", {"environment": "prepan", "revision": revision, **extra}, format="json")
+    assert response.status_code == 201, response.json()
+    return response.json()["id"]
 
 
 def wait_status(release_id: int, *statuses: str, timeout: float = 120) -> Release:

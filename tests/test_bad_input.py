@@ -26,7 +26,7 @@ from releases import engine, plan, services, steps, tasks
 from releases.logs import LogWriter
 from releases.models import Environment, Instance, LogLine, Recipe, Release, Step
 from tests.helpers import free_port, processes_with, wait_for
-from tests.release_helpers import api, person, revisions_behind, wait_status
+from tests.release_helpers import api, cloud, person, revisions_behind, start, wait_status
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
 
@@ -46,20 +46,10 @@ def dana():
     return person("dana", "deployer", "approver")
 
 
-def cloud(environment: Environment) -> aws.Cloud:
-    return engine.cloud_for(plan.settings_of(Environment.objects.get(pk=environment.pk)))
-
-
 def use_recipe(environment: Environment, tasks_: dict, *, provision: tuple = (), deploy: tuple = ()) -> None:
     recipe = Recipe.objects.create(name=f"matrix-{time.monotonic_ns()}", definition={
         "tasks": tasks_, "phases": {**({"provision": list(provision)} if provision else {}), **({"deploy": list(deploy)} if deploy else {})}})
     Environment.objects.filter(pk=environment.pk).update(recipe=recipe)
-
-
-def start(user, revision: str = "v2") -> int:
-    response = api(user).post("/api/releases/", {"environment": "prepan", "revision": revision, "clone_count": 1}, format="json")
-    assert response.status_code == 201, response.json()
-    return response.json()["id"]
 
 
 def fails_at(release_id: int, key: str, user) -> str:
@@ -106,7 +96,7 @@ def test_an_aws_resource_that_does_not_exist_fails_launch_saying_which(prepan, d
     use_recipe(prepan, {"t": {"commands": ["true"]}}, provision=("t",))
     Environment.objects.filter(pk=prepan.pk).update(**{field: value})
 
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
 
     error = fails_at(release_id, "launch", dana)
     assert expected in error
@@ -124,7 +114,7 @@ def test_ssh_that_never_answers_fails_provision_saying_where_it_waited(prepan, d
     port = free_port()
     Environment.objects.filter(pk=prepan.pk).update(ssh_port=port)
 
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
 
     error = fails_at(release_id, "provision", dana)
     canary = Release.objects.get(pk=release_id).instances.get(slot="canary")
@@ -141,7 +131,7 @@ def test_a_wrong_ssh_key_fails_provision_saying_the_key_was_refused(prepan, dana
     os.chmod(tmp_path / "wrong_key", 0o600)
     Environment.objects.filter(pk=prepan.pk).update(ssh_key_file=str(tmp_path / "wrong_key"))
 
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
 
     error = fails_at(release_id, "provision", dana)
     assert "ec2-user@" in error and "refused our SSH key" in error
@@ -162,7 +152,7 @@ def test_a_command_that_exits_non_zero_fails_deploy_with_its_last_error_line(pre
     use_recipe(prepan, {"deploy:broken": {"commands": ["echo going", "echo 'cannot find the thing' >&2; exit 3"]}},
                deploy=("deploy:broken",))
 
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
 
     error = fails_at(release_id, "deploy", dana)
     canary = Release.objects.get(pk=release_id).instances.get(slot="canary")
@@ -174,7 +164,7 @@ def test_a_command_that_hangs_past_its_timeout_fails_deploy_and_is_ended(prepan,
     old = set(cloud(prepan).registered())
     use_recipe(prepan, {"deploy:hang": {"timeout": 2, "commands": ["echo hanging; sleep 313"]}}, deploy=("deploy:hang",))
 
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
 
     error = fails_at(release_id, "deploy", dana)
     canary = Release.objects.get(pk=release_id).instances.get(slot="canary")
@@ -189,7 +179,7 @@ def test_ten_megabytes_on_one_line_are_cut_in_the_log_and_the_error(prepan, dana
     flood = "head -c 10485760 /dev/zero | tr '\\0' x"
     use_recipe(prepan, {"deploy:flood": {"commands": [f"{flood}; echo", f"{flood} >&2; exit 1"]}}, deploy=("deploy:flood",))
 
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
 
     error = fails_at(release_id, "deploy", dana)
     assert error.startswith("deploy:flood failed on ") and "(exit 1): xxxx" in error
@@ -204,7 +194,7 @@ def test_output_that_is_not_utf8_is_stored_with_replacement_characters(prepan, d
     use_recipe(prepan, {"deploy:latin1": {"commands": [
         "printf 'caf\\351 \\000nul\\n'", "printf 'd\\351j\\340 \\377\\376 vu\\n' >&2; exit 2"]}}, deploy=("deploy:latin1",))
 
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
 
     error = fails_at(release_id, "deploy", dana)
     assert error.endswith("(exit 2): d\ufffdj\ufffd \ufffd\ufffd vu")
@@ -218,7 +208,7 @@ def test_two_hundred_thousand_lines_reach_the_log_before_the_step_fails(prepan, 
     use_recipe(prepan, {"deploy:chatty": {"commands": ["seq 200000; echo 'gave up at the end' >&2; exit 1"]}},
                deploy=("deploy:chatty",))
 
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
 
     error = fails_at(release_id, "deploy", dana)
     assert error.endswith("(exit 1): gave up at the end")
@@ -234,7 +224,7 @@ def test_a_revision_that_does_not_exist_fails_deploy_naming_it(prepan, dana):
                   "phases": {"deploy": ["deploy:setup:dir", "deploy:update"]}}
     Recipe.objects.filter(environment=prepan).update(definition=definition)
 
-    release_id = start(dana, "v404")
+    release_id = start(dana, "v404", clone_count=1)
 
     error = fails_at(release_id, "deploy", dana)
     assert error.startswith("deploy:update failed on ") and "v404" in error
@@ -340,7 +330,7 @@ def test_an_instance_stopped_mid_provision_fails_it_saying_so_and_a_retry_starts
     use_recipe(prepan, {"provision:slow": {"commands": [
         "if test -f provisioned; then echo provisioned already; else touch provisioned; echo about to wait; sleep 307; fi"]}},
         provision=("provision:slow",))
-    release_id = start(dana)
+    release_id = start(dana, "v2", clone_count=1)
     wait_for(lambda: LogLine.objects.filter(release_id=release_id, text="about to wait").exists(), 60, 0.1,
              "the long command to start")
     canary = Release.objects.get(pk=release_id).instances.get(slot="canary")

@@ -12,7 +12,7 @@ from deployer import aws
 from releases import engine, identity, plan, selectors, services, steps
 from releases.logs import LogWriter
 from releases.models import AuditEvent, Environment, Installation, Instance, Release
-from tests.release_helpers import api, person, wait_gate, wait_status
+from tests.release_helpers import api, cloud, person, start, wait_gate, wait_status
 from tests.test_api import environment  # noqa: F401  (fixture)
 
 AMI_NAME = re.compile(r"^[A-Za-z0-9()\[\] ./\-'@_]{3,128}$")
@@ -136,16 +136,6 @@ sandbox = pytest.mark.sandbox
 @pytest.fixture
 def prepan(release_sandbox, celery_worker):
     return services.environment_import_sandbox(info=release_sandbox.info)
-
-
-def cloud(env: Environment) -> aws.Cloud:
-    return engine.cloud_for(plan.settings_of(env))
-
-
-def start(user, revision: str, **extra) -> int:
-    response = api(user).post("/api/releases/", {"environment": "prepan", "revision": revision, **extra}, format="json")
-    assert response.status_code == 201, response.json()
-    return response.json()["id"]
 
 
 def decide(user, release_id: int, key: str, decision: str) -> None:

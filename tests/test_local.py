@@ -10,6 +10,7 @@ import pytest
 
 from deployer import local
 from deployer.errors import AdapterError, Cancelled
+from tests.helpers import running
 
 
 class Lines:
@@ -24,15 +25,6 @@ class Lines:
     @property
     def pids(self) -> list[int]:
         return [int(text.split()[1]) for _, text in self.lines if text.startswith("pid ")]
-
-
-def running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie (PID 1 here may never reap one)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
 
 
 # the shell and a grandchild it does not wait for, both announced, then a long wait

@@ -46,6 +46,23 @@ def test_the_release_page_shows_its_steps_to_a_viewer(client, release):
     assert "Cancel" not in body  # a viewer gets no buttons
 
 
+def test_the_release_page_says_what_a_step_waits_for_as_the_api_does(client, release):
+    from django.utils import timezone
+
+    Step.objects.filter(release=release, key="launch").update(status="running", waiting_for="canary running")
+    Step.objects.filter(release=release, key="provision").update(waiting_for="left over")  # pending, from an earlier try
+    viewer = signed_in(client, "viewer")
+    assert "waiting for canary running" in viewer.get(f"/releases/{release.pk}/").content.decode()
+
+    # its worker went quiet: the page says what the API says, not the wait it had
+    Step.objects.filter(release=release, key="launch").update(lease_owner="dead-host:41:1",
+                                                              lease_expires_at=timezone.now() - timezone.timedelta(seconds=1))
+    body = html.unescape(viewer.get(f"/releases/{release.pk}/").content.decode())
+    assert "waiting for the sweep to take it back: its worker stopped answering" in body
+    assert "canary running" not in body
+    assert "waiting for left over" in body
+
+
 @pytest.mark.parametrize("url, needed", [
     ("/releases/new/", b"the deployer role"), ("/environments/new/", b"the maintainer role"),
     ("/recipes/new/", b"the maintainer role"), ("/environments/prepan/edit/", b"the deployer or maintainer role")])
@@ -77,6 +94,7 @@ def test_an_approver_sees_the_gate_card_and_approves_once(client, release):
     client = signed_in(client, "approver", name="ravi")
     page = client.get(f"/releases/{release.pk}/").content.decode()
     assert 'class="approve"' in page and "http://127.0.0.1:1/" in page
+    assert f'maxlength="{services.COMMENT_LIMIT}"' in page  # the form's own limit, not a copy of it
 
     client.post(f"/releases/{release.pk}/gates/verify_directly/approve/", {"comment": "fine"})
     late = client.post(f"/releases/{release.pk}/gates/verify_directly/approve/", follow=True)

@@ -1,6 +1,5 @@
 """Whole releases on the sandbox, driven through the API, run by a real worker."""
 
-import os
 import time
 
 import pytest
@@ -9,7 +8,7 @@ import requests
 from deployer import aws
 from releases import audit, services
 from releases.models import AuditEvent, Environment, LogLine, Release
-from tests.release_helpers import LoadLoop, api, person, revisions_behind, wait_gate, wait_status
+from tests.release_helpers import LoadLoop, api, cloud, person, revisions_behind, start, wait_gate, wait_status
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
 
@@ -27,18 +26,6 @@ def dana():
 @pytest.fixture
 def ravi():
     return person("ravi", "approver")
-
-
-def cloud(environment: Environment) -> aws.Cloud:
-    from releases import engine, plan
-
-    return engine.cloud_for(plan.settings_of(environment))
-
-
-def start(user, revision: str, **extra) -> int:
-    response = api(user).post("/api/releases/", {"environment": "prepan", "revision": revision, **extra}, format="json")
-    assert response.status_code == 201, response.json()
-    return response.json()["id"]
 
 
 def approve(user, release_id: int, key: str) -> None:
@@ -262,12 +249,13 @@ def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, d
         release.steps.create(position=n, key=step["key"], kind=step["kind"])
 
     def run(key):
-        context = steps.Context(release=release, step=release.steps.get(key=key), cloud=engine.release_cloud(release), log=LogWriter(release.pk))
-        for _ in range(600):  # what the engine's timer would do, in a loop
-            try:
-                return steps.ACTIONS[key](context)
-            except steps.Wait:
-                time.sleep(0.1)
+        with LogWriter(release.pk) as writer:
+            context = steps.Context(release=release, step=release.steps.get(key=key), cloud=engine.release_cloud(release), log=writer)
+            for _ in range(600):  # what the engine's timer would do, in a loop
+                try:
+                    return steps.ACTIONS[key](context)
+                except steps.Wait:
+                    time.sleep(0.1)
         raise AssertionError(f"{key} kept waiting")
 
     first = run("launch")
@@ -277,6 +265,9 @@ def test_a_step_run_again_after_a_crash_adopts_what_its_first_run_made(prepan, d
     second = run("launch")
 
     assert second["instance"] == first["instance"]
+    said = list(LogLine.objects.filter(release=release, step="launch").values_list("text", flat=True))
+    assert len([t for t in said if t.startswith("launched ")]) == 1, said  # the second run says it adopted it
+    assert [t for t in said if t.startswith("adopted ")] == [f"adopted {first['name']} ({first['instance']}), which an earlier run of launch launched"], said
     c = cloud(prepan)
     named = identity.of(release)
     assert not named.legacy
@@ -338,19 +329,11 @@ def slow_recipe(prepan: Environment, pidfile) -> None:
     return definition
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended; only its parent has not looked
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("where", ["remote", "local"])
 def test_cancelling_inside_a_long_command_ends_cancelled_with_the_old_fleet_serving_and_no_process_left(
         prepan, dana, where, tmp_path, release_sandbox):
     from releases.models import Recipe
-    from tests.helpers import wait_for
+    from tests.helpers import processes_with, running, wait_for
 
     pidfile = tmp_path / "pids"
     definition = slow_recipe(prepan, pidfile)
@@ -375,16 +358,6 @@ def test_cancelling_inside_a_long_command_ends_cancelled_with_the_old_fleet_serv
     assert announced.text == f"provisioning {canary.name} at {canary.address} as ec2-user" and announced.stream == "stdout"
     if where == "local":
         pids = [int(p) for p in pidfile.read_text().split()]
-        assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+        assert len(pids) == 2 and not any(running(pid) for pid in pids)
     else:
-        def sleeping():
-            return [p for p in os.listdir("/proc") if p.isdigit() and b"sleep\x00302" in _cmdline(p)]
-        assert wait_for(lambda: not sleeping(), 10, 0.2, "the remote command to end")
-
-
-def _cmdline(pid: str) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return cmdline.read()
-    except OSError:
-        return b""
+        assert wait_for(lambda: not processes_with(b"sleep\x00302"), 10, 0.2, "the remote command to end")

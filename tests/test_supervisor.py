@@ -6,21 +6,11 @@ import sys
 import time
 
 from deployer.supervisor import Child, Supervisor, describe_exit
-from tests.helpers import wait_for
+from tests.helpers import running, wait_for
 
 
 def supervisor(lines: list[str], **options) -> Supervisor:
     return Supervisor(write=lines.append, **options)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped by its parent) is not running
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def group_members(pgid: int) -> list[int]:
@@ -28,7 +18,7 @@ def group_members(pgid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getpgid(int(entry)) == pgid and alive(int(entry)):
+                if os.getpgid(int(entry)) == pgid and running(entry):
                     members.append(int(entry))
             except (ProcessLookupError, FileNotFoundError):
                 pass
@@ -60,7 +50,7 @@ def test_it_restarts_a_killed_child_in_a_group_of_its_own_and_says_so():
         wait_for(lambda: "sleeper | up" in "".join(lines).split("restarted")[-1], 10, 0.05, "the new child's output")
     finally:
         boss.stop()
-    assert not alive(child.pid)
+    assert not running(child.pid)
 
 
 def test_it_gives_up_on_a_child_that_keeps_dying_quickly_and_keeps_the_others():

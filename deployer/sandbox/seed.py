@@ -27,7 +27,6 @@ from .demo_recipe import RECIPE
 from .timings import FAST, Timings
 
 log = logging.getLogger("sandbox.seed")
-TAG_ENVIRONMENT = "greenlight:environment"
 
 
 class SeedError(RuntimeError):
@@ -227,7 +226,7 @@ def _launch(ec2, plan: Plan, ids: dict, name: str) -> dict:
         TagSpecifications=[
             {
                 "ResourceType": "instance",
-                "Tags": [{"Key": "Name", "Value": name}, {"Key": TAG_ENVIRONMENT, "Value": plan.environment}],
+                "Tags": [{"Key": "Name", "Value": name}, {"Key": aws.TAG_ENVIRONMENT, "Value": plan.environment}],
             }
         ],
     )["Instances"][0]
@@ -280,7 +279,7 @@ def _create_classic(elb, plan: Plan, ids: dict, instance_ids: list[str]) -> dict
         Listeners=[{"Protocol": "HTTP", "LoadBalancerPort": 80, "InstanceProtocol": "HTTP", "InstancePort": plan.app_port}],
         Subnets=[ids["subnet_id"]],
         SecurityGroups=[ids["app_security_group_id"]],
-        Tags=[{"Key": TAG_ENVIRONMENT, "Value": plan.environment}],
+        Tags=[{"Key": aws.TAG_ENVIRONMENT, "Value": plan.environment}],
     )
     elb.configure_health_check(
         LoadBalancerName=plan.environment,
@@ -336,7 +335,7 @@ def _create_alb(elbv2, plan: Plan, ids: dict, instance_ids: list[str]) -> dict:
             HealthCheckTimeoutSeconds=int(timings.target_health_timeout),
             HealthyThresholdCount=timings.target_healthy_threshold,
             UnhealthyThresholdCount=timings.target_unhealthy_threshold,
-            Tags=[{"Key": TAG_ENVIRONMENT, "Value": plan.environment}],
+            Tags=[{"Key": aws.TAG_ENVIRONMENT, "Value": plan.environment}],
         )["TargetGroups"][0]
     arn = group["TargetGroupArn"]
     elbv2.modify_target_group_attributes(
@@ -349,7 +348,7 @@ def _create_alb(elbv2, plan: Plan, ids: dict, instance_ids: list[str]) -> dict:
         Scheme="internal",
         Subnets=[ids["subnet_id"]],
         SecurityGroups=[ids["app_security_group_id"]],
-        Tags=[{"Key": TAG_ENVIRONMENT, "Value": plan.environment}],
+        Tags=[{"Key": aws.TAG_ENVIRONMENT, "Value": plan.environment}],
     )["LoadBalancers"][0]
     elbv2.create_listener(
         LoadBalancerArn=lb["LoadBalancerArn"],

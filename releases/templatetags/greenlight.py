@@ -2,6 +2,8 @@ from django import template
 from django.utils import timezone
 from django.utils.html import format_html
 
+from releases import selectors
+
 register = template.Library()
 
 # a symbol and a word for every status: colour is never the only signal
@@ -42,3 +44,9 @@ def when(value):
     if not value:
         return ""
     return format_html('<time datetime="{}" data-local>{}</time>', value.isoformat(), value.strftime("%Y-%m-%d %H:%M UTC"))
+
+
+@register.filter
+def waiting_for(step) -> str:
+    """What the step waits for, as the API says it (selectors.waiting_for)."""
+    return selectors.waiting_for(step)
