@@ -150,6 +150,31 @@ class _LineSplitter:
             self.on_line(self.stream, f"{text} [{cut} more bytes cut]" if cut else text)
 
 
+# Every command is run behind one printf that tells its process group: sshd
+# makes each session's shell the leader of a group of its own (setsid), and
+# closing the channel sends that group no signal when there is no terminal.
+# So a command that times out, is cancelled, or whose worker lost its lease
+# is ended by a `kill` of the group, sent on a channel of its own. A daemon
+# the command started with setsid is in another group and stays.
+_GROUP_MARK = "\x1egreenlight-pgid "
+_TELL_GROUP = "printf '\\036greenlight-pgid %s\\n' \"$$\" >&2; "
+END_GRACE = 3.0  # seconds between TERM and KILL
+
+
+def _end_group(client: paramiko.SSHClient, group: int, grace: float = END_GRACE) -> None:
+    """TERM the remote command's process group; KILL what is left after `grace`."""
+    ticks = int(grace * 5)
+    script = (f"kill -TERM -{group} 2>/dev/null; i=0; "
+              f"while kill -0 -{group} 2>/dev/null && [ $i -lt {ticks} ]; do sleep 0.2; i=$((i+1)); done; "
+              f"kill -KILL -{group} 2>/dev/null; true")
+    try:
+        channel = client.get_transport().open_session(timeout=10)
+        channel.exec_command(script)
+        channel.status_event.wait(grace + 10)
+    except (OSError, paramiko.SSHException, EOFError, AttributeError):
+        pass  # the host went away too: nothing left to end there
+
+
 def run(
     target: Target,
     command: str,
@@ -169,39 +194,58 @@ def run(
     seconds, and a command that must not run is not started at all.
     """
     client, presented = connect(target)
+    group: list[int] = []  # the remote command's process group, once it said it
+
+    def on_err(stream: str, text: str) -> None:
+        if not group and text.startswith(_GROUP_MARK) and text[len(_GROUP_MARK):].isdigit():
+            group.append(int(text[len(_GROUP_MARK):]))
+        elif on_line:
+            on_line(stream, text)
+
     try:
         if cancelled and cancelled():
             raise Cancelled(f"command cancelled on {target.host} before it started")
         channel = client.get_transport().open_session()
-        channel.exec_command(command)
+        channel.exec_command(_TELL_GROUP + command)
         channel.shutdown_write()
-        out, err = _LineSplitter("stdout", on_line), _LineSplitter("stderr", on_line)
+        out, err = _LineSplitter("stdout", on_line), _LineSplitter("stderr", on_err)
         deadline = time.monotonic() + timeout
-        while True:
-            busy = False
-            while channel.recv_ready():
-                out.feed(channel.recv(65536))
-                busy = True
-            while channel.recv_stderr_ready():
-                err.feed(channel.recv_stderr(65536))
-                busy = True
-            if (
-                channel.exit_status_ready()
-                and not channel.recv_ready()
-                and not channel.recv_stderr_ready()
-                and (channel.eof_received or channel.closed)
-            ):
-                break
-            if time.monotonic() > deadline:
-                raise AdapterError(f"command timed out after {timeout:g}s on {target.host}")
-            if cancelled and cancelled():
-                raise Cancelled(f"command cancelled on {target.host}")
-            if not busy:
-                select.select([channel], [], [], 0.2)
-        out.flush()
-        err.flush()
-        return Result(channel.recv_exit_status(), presented)
+        try:
+            return _pump(channel, out, err, deadline, target, timeout, cancelled, presented)
+        except BaseException:
+            if group and not channel.exit_status_ready():
+                _end_group(client, group[0])
+            raise
     except (OSError, paramiko.SSHException, socket.timeout, EOFError) as exc:
         raise AdapterError(f"SSH session to {target.host}:{target.port} failed: {exc}") from None
     finally:
         client.close()
+
+
+def _pump(channel, out: _LineSplitter, err: _LineSplitter, deadline: float, target: Target, timeout: float,
+          cancelled: Callable[[], bool] | None, presented: str) -> Result:
+    """Read the command's output until it exits, the deadline passes or it is cancelled."""
+    while True:
+        busy = False
+        while channel.recv_ready():
+            out.feed(channel.recv(65536))
+            busy = True
+        while channel.recv_stderr_ready():
+            err.feed(channel.recv_stderr(65536))
+            busy = True
+        if (
+            channel.exit_status_ready()
+            and not channel.recv_ready()
+            and not channel.recv_stderr_ready()
+            and (channel.eof_received or channel.closed)
+        ):
+            break
+        if time.monotonic() > deadline:
+            raise AdapterError(f"command timed out after {timeout:g}s on {target.host}")
+        if cancelled and cancelled():
+            raise Cancelled(f"command cancelled on {target.host}")
+        if not busy:
+            select.select([channel], [], [], 0.2)
+    out.flush()
+    err.flush()
+    return Result(channel.recv_exit_status(), presented)

@@ -169,9 +169,11 @@ def test_a_command_that_hangs_past_its_timeout_fails_deploy_and_is_ended(prepan,
     error = fails_at(release_id, "deploy", dana)
     canary = Release.objects.get(pk=release_id).instances.get(slot="canary")
     assert error == f"deploy:hang failed on {canary.name}: command timed out after 2s on {canary.address}"
-    assert_nothing_orphaned_after_rollback(prepan, release_id, dana, old)
-    # closing the session does not end a remote command (sshd sends no signal without a terminal); stopping the instance does
+    # ended by a kill of its process group over SSH, before any rollback stops the instance
+    # (closing the session would not: sshd sends no signal without a terminal, nor does the sandbox)
     wait_for(lambda: not processes_with(b"sleep\x00313"), 10, 0.2, "the hung command to be ended")
+    assert Release.objects.get(pk=release_id).status == Release.Status.FAILED
+    assert_nothing_orphaned_after_rollback(prepan, release_id, dana, old)
 
 
 def test_ten_megabytes_on_one_line_are_cut_in_the_log_and_the_error(prepan, dana):

@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from deployer import ssh
 from deployer.errors import AdapterError
 from deployer.sandbox import seed
-from tests.helpers import wait_for
+from tests.helpers import processes_with, wait_for
 
 pytestmark = pytest.mark.sandbox
 
@@ -81,6 +81,38 @@ def test_a_command_that_outlives_its_timeout_fails(sandbox):
 
     with pytest.raises(AdapterError, match="timed out"):
         sandbox.run(instance, "sleep 30", timeout=1)
+
+
+def test_a_command_given_up_on_is_ended_with_its_children_but_not_the_daemons_it_started(sandbox):
+    instance = sandbox.launch()
+    sandbox.wait_for_ssh(instance)
+
+    with pytest.raises(AdapterError, match="timed out"):
+        sandbox.run(instance, "setsid sleep 331 < /dev/null > /dev/null 2>&1 & sh -c 'sleep 332'; sleep 333", timeout=1)
+
+    # ssh.run sent the command's process group TERM: the command and its child end; the daemon is another group
+    wait_for(lambda: not processes_with(b"sleep\x00332") and not processes_with(b"sleep\x00333"), 10, 0.1,
+             "the command and its child to end")
+    assert processes_with(b"sleep\x00331")
+    sandbox.client("ec2").terminate_instances(InstanceIds=[instance["InstanceId"]])
+    wait_for(lambda: not processes_with(b"sleep\x00331"), 30, 0.2, "the instance's processes to end with it")
+
+
+def test_a_client_that_goes_away_leaves_its_command_running_as_sshd_does_without_a_terminal(sandbox):
+    """No kinder than a real host: closing the connection does not end a command."""
+    instance = sandbox.launch()
+    sandbox.wait_for_ssh(instance)
+    client, _ = ssh.connect(sandbox.target(instance))
+    channel = client.get_transport().open_session()
+    channel.exec_command("sleep 334")
+    wait_for(lambda: processes_with(b"sleep\x00334"), 10, 0.1, "the command to start")
+
+    client.close()
+
+    time.sleep(1.5)
+    assert processes_with(b"sleep\x00334")
+    sandbox.client("ec2").terminate_instances(InstanceIds=[instance["InstanceId"]])
+    wait_for(lambda: not processes_with(b"sleep\x00334"), 30, 0.2, "the command to end with its instance")
 
 
 def test_host_keys_are_pinned_after_first_contact(sandbox):

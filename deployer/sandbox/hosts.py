@@ -100,6 +100,7 @@ class Host:
         self.root = self.dir / "root"
         self.ssh_user = hosts.ssh_user
         self._server: asyncssh.SSHAcceptor | None = None
+        self._detached: set[asyncio.Future] = set()  # commands whose client went away, until they end
 
     @property
     def up(self) -> bool:
@@ -218,15 +219,27 @@ class Host:
             status = await child.wait()
             process.exit(status if status >= 0 else 128 - status)
         except (OSError, asyncssh.Error, asyncio.CancelledError):
-            # the client went away: end the command like sshd's SIGHUP would
+            # The client went away. As under sshd with no terminal, the command
+            # gets no signal: it keeps running, and its next write fails
+            # (EPIPE, SIGPIPE). Ending a command it gave up on is the client's
+            # job (deployer/ssh.py kills its process group); stopping the
+            # instance ends everything.
             if child.returncode is None:
-                try:
-                    os.killpg(child.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                self._detach(child)
             raise
         finally:
             feeder.cancel()
+
+
+    def _detach(self, child: asyncio.subprocess.Process) -> None:
+        """Close our ends of its output, and keep it referenced until it ends
+        (a collected subprocess transport would kill it)."""
+        for fd in (1, 2):
+            if (pipe := child._transport.get_pipe_transport(fd)) is not None:
+                pipe.close()
+        waiting = asyncio.ensure_future(child.wait())
+        self._detached.add(waiting)
+        waiting.add_done_callback(self._detached.discard)
 
 
 class Hosts:
