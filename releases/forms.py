@@ -61,10 +61,16 @@ class EnvironmentForm(forms.ModelForm):
         model = Environment
         # time_scale says how fast the cloud's clock runs; only an administrator sets it (in the admin)
         exclude = ["last_baked_ami", "time_scale"]
-        widgets = {"security_group_ids": forms.TextInput()}
+        widgets = {"security_group_ids": forms.TextInput(), "extra_subnet_ids": forms.TextInput(), "extra_tags": forms.TextInput()}
+
+    # Settings added after the form's first scripts were written: left out of a
+    # post, each takes its default rather than being required.
+    OPTIONAL_WITH_DEFAULT = (*plan.LAUNCH_FIELDS, *plan.ACCESS_FIELDS, "images_kept")
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
+        for name in self.OPTIONAL_WITH_DEFAULT:
+            self.fields[name].required = False
         maintainer = user is not None and permissions.can_maintain(user)
         self.locked = [] if maintainer else [n for n in self.fields if n not in permissions.ENVIRONMENT_DEPLOYER_FIELDS]
         for name in self.locked:
@@ -72,6 +78,11 @@ class EnvironmentForm(forms.ModelForm):
 
     def clean(self):
         data = super().clean()
+        for name in self.OPTIONAL_WITH_DEFAULT:
+            # (not a checkbox: a browser leaves an unticked one out, so left out is False)
+            if data.get(name) in (None, "") and self.add_prefix(name) not in self.data \
+                    and not isinstance(self.fields[name], forms.BooleanField):
+                data[name] = Environment._meta.get_field(name).get_default()
         if not self.locked:
             return data
         if self.instance.pk is None:

@@ -67,10 +67,69 @@ def validate_repository(value: str) -> None:
         raise ValidationError(str(exc)) from None
 
 
+USER_DATA_LIMIT = 16 * 1024  # bytes: RunInstances refuses more (before base64)
+URL_FIELDS = ("private_ip", "public_ip", "public_dns", "address", "port", "name")
+
+
+def launch_setting_errors(environment) -> dict[str, str]:
+    """What is wrong with an environment's launch and access settings, by field."""
+    import string
+
+    errors = {}
+    if len(environment.user_data.encode()) > USER_DATA_LIMIT:
+        errors["user_data"] = f"at most {USER_DATA_LIMIT // 1024} KB (AWS refuses more)"
+    tags = environment.extra_tags
+    if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        errors["extra_tags"] = 'an object of names to values, both text: {"team": "web"}'
+    elif bad := sorted(k for k in tags if k == "Name" or k.lower().startswith(("greenlight:", "aws:")) or not 0 < len(k) <= 128):
+        errors["extra_tags"] = f"{bad[0]!r} is Greenlight's or AWS's own tag (or not 1 to 128 characters)"
+    elif bad := sorted(k for k, v in tags.items() if len(v) > 256):
+        errors["extra_tags"] = f"the value of {bad[0]!r} is longer than 256 characters"
+    subnets = environment.extra_subnet_ids
+    if not isinstance(subnets, list) or not all(isinstance(x, str) and x.startswith("subnet-") for x in subnets):
+        errors["extra_subnet_ids"] = 'a list of subnet ids: ["subnet-0abc...", "subnet-0def..."]'
+    elif environment.subnet_id in subnets or len(set(subnets)) != len(subnets):
+        errors["extra_subnet_ids"] = "each subnet once, and not the first subnet again"
+    if environment.root_volume_size is not None and not 1 <= environment.root_volume_size <= 16384:
+        errors["root_volume_size"] = "from 1 to 16384 GiB"
+    if environment.bastion_host:
+        if not environment.bastion_host_key.strip():
+            errors["bastion_host_key"] = "a bastion's host key must be pinned: ssh-keyscan it, and check it, once"
+        elif len(environment.bastion_host_key.split()) < 2:
+            errors["bastion_host_key"] = 'a public key as "ssh-ed25519 AAAA..." (a known_hosts line without the host)'
+    if not 1 <= environment.bastion_port <= 65535:
+        errors["bastion_port"] = "a port from 1 to 65535"
+    if template := environment.verify_url_template:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            names, errors["verify_url_template"] = set(), f"not a template: {exc}"
+        if unknown := sorted(names - set(URL_FIELDS)):
+            errors["verify_url_template"] = f"{{{unknown[0]}}} is not one of {', '.join('{' + n + '}' for n in URL_FIELDS)}"
+        elif not template.startswith(("http://", "https://")):
+            errors.setdefault("verify_url_template", "an http:// or https:// URL")
+    return errors
+
+
 class Environment(models.Model):
     class Address(models.TextChoices):
         PRIVATE = "private", "private IP (Greenlight runs inside the VPC)"
         PUBLIC = "public", "public DNS name"
+
+    class VolumeType(models.TextChoices):
+        IMAGE = "", "as the image says"
+        GP3 = "gp3", "gp3 (general purpose SSD)"
+        GP2 = "gp2", "gp2 (general purpose SSD, older)"
+        IO1 = "io1", "io1 (provisioned IOPS SSD)"
+        IO2 = "io2", "io2 (provisioned IOPS SSD)"
+        ST1 = "st1", "st1 (throughput HDD)"
+        SC1 = "sc1", "sc1 (cold HDD)"
+        STANDARD = "standard", "standard (magnetic)"
+
+    class PublicIp(models.TextChoices):
+        SUBNET = "subnet", "as the subnet says"
+        YES = "yes", "a public IP"
+        NO = "no", "no public IP"
 
     name = models.SlugField(max_length=100, unique=True)
     region = models.CharField(max_length=32)
@@ -120,6 +179,42 @@ class Environment(models.Model):
         help_text="how fast this cloud's clock runs: 1 on AWS; a sandbox playing AWS's timings faster says its "
         "SANDBOX_TIME_SCALE. Multiplies every wait on AWS. Set by an administrator only.",
     )
+    # -- what RunInstances gets (issue 10) ------------------------------------
+    instance_profile = models.CharField(
+        max_length=400, blank=True, help_text="IAM instance profile for new instances, by name or ARN; empty for none")
+    user_data = models.TextField(
+        blank=True, help_text="cloud-init user data for new instances (at most 16 KB); runs as root on them")
+    root_volume_size = models.PositiveIntegerField(
+        null=True, blank=True, help_text="GiB of the root volume; empty keeps the image's own size")
+    root_volume_type = models.CharField(max_length=8, choices=VolumeType.choices, default=VolumeType.IMAGE, blank=True)
+    root_volume_encrypted = models.BooleanField(default=True, help_text="encrypt the root volume (the account's default KMS key)")
+    require_imdsv2 = models.BooleanField(
+        default=True, help_text="instances answer metadata requests only with a session token (IMDSv2)")
+    public_ip = models.CharField(max_length=8, choices=PublicIp.choices, default=PublicIp.SUBNET)
+    extra_tags = models.JSONField(default=dict, blank=True, help_text="more tags for new instances, e.g. {\"team\": \"web\"}")
+    extra_subnet_ids = models.JSONField(
+        default=list, blank=True,
+        help_text="more subnets, in other availability zones: the canary goes in the subnet above, clones are spread "
+        "over all of them")
+    # -- SSH through a jump host, and what a person opens at the direct check (issue 10)
+    bastion_host = models.CharField(
+        max_length=255, blank=True, help_text="a jump host the workers reach the instances through (as ProxyJump); "
+        "empty: the workers reach them directly")
+    bastion_port = models.PositiveIntegerField(default=22)
+    bastion_user = models.CharField(max_length=64, blank=True, help_text="empty: the instances' SSH user")
+    bastion_key_file = models.CharField(
+        max_length=400, blank=True, help_text="path on the workers to the bastion's private key; empty: the instances' key")
+    bastion_host_key = models.CharField(
+        max_length=2000, blank=True, help_text="the bastion's public host key, pinned (\"ssh-ed25519 AAAA...\"); "
+        "required with a bastion")
+    verify_url_template = models.CharField(
+        max_length=400, blank=True,
+        help_text="the canary's URL for the direct check, if not http://{address}:{port}/ -- "
+        "{private_ip}, {public_ip}, {public_dns}, {address}, {port} and {name} are filled in")
+    # -- clean-up (issue 10)
+    images_kept = models.PositiveIntegerField(
+        default=5, help_text="baked images kept (with their snapshots); older ones are deleted, never one an instance "
+        "or the rollback uses")
     updated_at = models.DateTimeField(auto_now=True)
 
     def clean(self):
@@ -127,6 +222,12 @@ class Environment(models.Model):
             raise ValidationError("set either a classic load balancer name or an ELBv2 target group ARN, not both")
         if self.desired_count < 1:
             raise ValidationError({"desired_count": "at least one instance"})
+        # an empty box on the form means none
+        self.extra_tags = {} if self.extra_tags is None else self.extra_tags
+        self.extra_subnet_ids = [] if self.extra_subnet_ids is None else self.extra_subnet_ids
+        errors = launch_setting_errors(self)
+        if errors:
+            raise ValidationError(errors)
 
     def __str__(self):
         return self.name

@@ -74,7 +74,16 @@ ENVIRONMENT_FIELDS = (
     "expected_text", "ssh_user", "ssh_port", "ssh_key_file", "address", "instance_type", "subnet_id",
     "key_name", "base_ami", "last_baked_ami", "name_prefix", "repository", "gate_timeout", "retention", "four_eyes",
     "instance_timeout", "ssh_timeout", "image_timeout", "smoke_timeout", "command_timeout", "time_scale",
+    *(LAUNCH_FIELDS := ("instance_profile", "user_data", "root_volume_size", "root_volume_type", "root_volume_encrypted",
+                        "require_imdsv2", "public_ip", "extra_tags", "extra_subnet_ids")),
+    *(ACCESS_FIELDS := ("bastion_host", "bastion_port", "bastion_user", "bastion_key_file", "bastion_host_key",
+                        "verify_url_template")),
 )
+# A release frozen before these settings existed launches and connects as it did then.
+FROZEN_DEFAULTS = {"instance_profile": "", "user_data": "", "root_volume_size": None, "root_volume_type": "",
+                   "root_volume_encrypted": False, "require_imdsv2": False, "public_ip": "subnet", "extra_tags": {},
+                   "extra_subnet_ids": [], "bastion_host": "", "bastion_port": 22, "bastion_user": "",
+                   "bastion_key_file": "", "bastion_host_key": "", "verify_url_template": ""}
 # A release frozen before a limit existed waits as long as the default says.
 LIMIT_DEFAULTS = {"instance_timeout": 600, "ssh_timeout": 600, "image_timeout": 3600, "smoke_timeout": 300,
                   "command_timeout": 1800, "time_scale": 1.0}

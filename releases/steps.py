@@ -35,7 +35,7 @@ from deployer.errors import AdapterError, Cancelled as CommandCancelled
 from . import identity as naming
 from .logs import LogWriter
 from .models import Environment, Instance, Release, Step
-from .plan import CANCEL_ENDS_AT, LIMIT_DEFAULTS
+from .plan import CANCEL_ENDS_AT, FROZEN_DEFAULTS, LIMIT_DEFAULTS
 
 SSH_WORKERS = 8
 CHECK_WORKERS = 16
@@ -117,7 +117,8 @@ class Context:
 
     @property
     def env(self) -> dict:
-        return self.release.plan["environment"]
+        frozen = self.release.plan["environment"]
+        return frozen if FROZEN_DEFAULTS.keys() <= frozen.keys() else {**FROZEN_DEFAULTS, **frozen}
 
     @property
     def state(self) -> dict:

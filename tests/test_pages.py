@@ -58,7 +58,7 @@ def test_the_release_page_says_what_a_step_waits_for_as_the_api_does(client, rel
     Step.objects.filter(release=release, key="launch").update(lease_owner="dead-host:41:1",
                                                               lease_expires_at=timezone.now() - timezone.timedelta(seconds=1))
     body = html.unescape(viewer.get(f"/releases/{release.pk}/").content.decode())
-    assert "waiting for the sweep to take it back: its worker stopped answering" in body
+    assert "waiting for the sweep to take it back: its worker stopped renewing its lease" in body
     assert "canary running" not in body
     assert "waiting for left over" in body
 
@@ -171,7 +171,7 @@ def test_a_deployer_changes_the_fleet_size_and_the_change_is_audited_with_a_diff
 
     client = signed_in(client, "deployer", name="dana")
     data = {k: v for k, v in model_to_dict(environment).items() if v is not None}
-    data.update(desired_count=4, security_group_ids="[]")
+    data.update(desired_count=4, security_group_ids="[]", extra_tags="{}", extra_subnet_ids="[]")
     response = client.post("/environments/prepan/edit/", data)
 
     assert response.status_code == 302
