@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from deployer import aws, ssh
+from tests import parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 _started = iter(range(1_000_000))
@@ -66,7 +67,8 @@ class SandboxProcess:
         self.directory = directory
         self.file = directory / "sandbox.json"
         # a /16 of its own, away from a demo's 127.77.0.0/16 and other test runs
-        self.network = network or f"127.{100 + (os.getpid() * 7 + next(_started)) % 150}.0.0/16"
+        share = parallel.network_share()  # this test process's own, beside others run in parallel
+        self.network = network or f"127.{share[(os.getpid() * 7 + next(_started)) % len(share)]}.0.0/16"
         self.seed = seed
         self.process: subprocess.Popen | None = None
         self.log = directory / "sandbox.log"
