@@ -69,6 +69,8 @@ def run(environment: Environment, *, revision: str = "", strategy: str = "") -> 
         return [Check("credentials", FAILED, str(exc), "set the environment's credentials reference to one the workers have")]
     state: dict = {}
     for check in CHECKS:
+        if check not in WITHOUT_AWS and checks and checks[0].name == "credentials" and checks[0].status == FAILED:
+            continue  # AWS did not answer the first call: every other call would wait out its retries to say the same
         try:
             found = check(cloud, values, state, revision=revision, strategy=strategy)
         except AdapterError as exc:  # a check's own errors are its result; one check never stops the others
@@ -319,3 +321,4 @@ CHECKS: tuple[Callable, ...] = (
     check_credentials, check_region, check_load_balancer, check_subnets, check_security_groups, check_key_pair,
     check_key_file, check_images, check_instance_profile, check_permissions, check_repository, check_ssh,
 )
+WITHOUT_AWS = (check_credentials, check_key_file, check_repository)

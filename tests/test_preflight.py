@@ -139,3 +139,13 @@ def test_the_command_prints_a_line_per_check_and_exits_1_when_one_failed(prepan,
     assert exited.value.code == 1
     assert "failed  key file: cannot read the SSH key file" in err.getvalue()
     assert "checks failed: key file, ssh" in err.getvalue()
+
+
+def test_credentials_aws_does_not_answer_fail_once_and_the_other_aws_checks_are_not_tried(prepan):
+    Environment.objects.filter(pk=prepan.pk).update(aws_endpoint_url="http://127.0.0.1:1")
+    prepan.refresh_from_db()
+    named = by_name(preflight.run(prepan))
+    assert named["credentials"].status == "failed" and "get caller identity" in named["credentials"].message
+    assert "give the workers credentials" in named["credentials"].fix
+    assert set(named) == {"credentials", "key file", "repository"}
+    assert named["key file"].status == "ok" and named["repository"].status == "ok"
