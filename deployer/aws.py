@@ -96,7 +96,7 @@ def _profile_keys(profile: str) -> tuple[str, str, str | None]:
 
 def client(account: Account, service: str):
     session = boto3.session.Session(profile_name=account.profile) if account.profile else boto3.session.Session()
-    return session.client(
+    made = session.client(
         service,
         region_name=account.region,
         endpoint_url=account.endpoint_url,
@@ -105,6 +105,30 @@ def client(account: Account, service: str):
         aws_session_token=account.session_token,
         config=_CONFIG,
     )
+    if record_to := os.environ.get(RECORD_CALLS):
+        made.meta.events.register("before-parameter-build", _Recorder(record_to, made.meta.service_model.signing_name))
+    return made
+
+
+# The name of an environment variable: when it names a file, every AWS call
+# this process makes is appended to it as an IAM action ("ec2:RunInstances"),
+# with the actions IAM authorizes beside it (tags on create, passing a role).
+# The test that keeps docs/iam-policy.json true sets it; nothing else does.
+RECORD_CALLS = "GREENLIGHT_RECORD_AWS_CALLS"
+
+
+class _Recorder:
+    def __init__(self, path: str, service: str):
+        self.path, self.service = path, service
+
+    def __call__(self, model, params, **_):
+        actions = [f"{self.service}:{model.name}"]
+        if params.get("TagSpecifications"):
+            actions.append("ec2:CreateTags")  # IAM authorizes tagging on create as CreateTags
+        if params.get("IamInstanceProfile"):
+            actions.append("iam:PassRole")  # an instance profile hands its role to the instance
+        with open(self.path, "a") as file:  # one short write per call: lines from several processes stay whole
+            file.write("".join(f"{action}\n" for action in actions))
 
 
 def task_environment(account: Account) -> dict[str, str]:
@@ -420,6 +444,51 @@ class Cloud:
                 in_use.append(snapshot_id)
         return in_use
 
+    # -- preflight: reads, and DryRun calls that change nothing --------------------
+
+    def zones(self) -> list[str]:
+        """The region's availability zones that are available: a read that fails for a region that is not there."""
+        found = self._read("describe availability zones", self.ec2.describe_availability_zones)["AvailabilityZones"]
+        return [z["ZoneName"] for z in found if z.get("State", "available") == "available"]
+
+    def subnets(self, ids: list[str]) -> list[dict]:
+        return self._read("describe subnets", self.ec2.describe_subnets, SubnetIds=ids)["Subnets"] if ids else []
+
+    def security_groups(self, ids: list[str]) -> list[dict]:
+        if not ids:
+            return []
+        return self._read("describe security groups", self.ec2.describe_security_groups, GroupIds=ids)["SecurityGroups"]
+
+    def key_pair(self, name: str) -> dict:
+        return self._read("describe key pair", self.ec2.describe_key_pairs, KeyNames=[name])["KeyPairs"][0]
+
+    def permitted(self, action: str, **params) -> str:
+        """Whether these credentials may call `action` with `params`, asked
+        with DryRun=True, so nothing is made, changed or stopped: "" when
+        allowed, else what AWS said (UnauthorizedOperation: not allowed)."""
+        call = getattr(self.ec2, _snake(action))
+        try:
+            call(DryRun=True, **params)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            if error.get("Code") == "DryRunOperation":
+                return ""
+            return _error(exc, f"{action} (DryRun)").args[0]
+        except (BotoCoreError, ResponseParserError) as exc:
+            return _error(exc, f"{action} (DryRun)").args[0]
+        return f"{action} (DryRun): the endpoint ran the call instead of only checking it"
+
+    def launch_request(self, *, image_id: str, instance_type: str, key_name: str, subnet_id: str,
+                       security_group_ids: list[str], tags: dict, instance_profile: str = "") -> dict:
+        """RunInstances' parameters as a release's launch sends them, for a DryRun."""
+        request = {"ImageId": image_id, "InstanceType": instance_type, "KeyName": key_name, "SubnetId": subnet_id,
+                   "SecurityGroupIds": security_group_ids, "MinCount": 1, "MaxCount": 1,
+                   "TagSpecifications": [{"ResourceType": "instance", "Tags": _tags(tags)}]}
+        if instance_profile:
+            request["IamInstanceProfile"] = (
+                {"Arn": instance_profile} if instance_profile.startswith("arn:") else {"Name": instance_profile})
+        return request
+
     # -- security groups -------------------------------------------------------
 
     def open_port(self, group_id: str, port: int, cidr: str, description: str) -> None:
@@ -532,6 +601,34 @@ class Cloud:
         attributes = self._read("describe target group attributes", self.elbv2.describe_target_group_attributes, TargetGroupArn=self.target_group_arn)
         values = {a["Key"]: a["Value"] for a in attributes["Attributes"]}
         return float(values.get("deregistration_delay.timeout_seconds", 300))
+
+
+def _snake(action: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in action).lstrip("_")
+
+
+def caller_identity(account: Account) -> dict:
+    """Whose credentials these are: {"Account", "Arn", "UserId"}."""
+    try:
+        found = client(account, "sts").get_caller_identity()
+    except (ClientError, BotoCoreError, ResponseParserError) as exc:
+        raise _error(exc, "get caller identity") from None
+    return {key: found.get(key, "") for key in ("Account", "Arn", "UserId")}
+
+
+def instance_profile(account: Account, name_or_arn: str) -> dict:
+    """An IAM instance profile (by name, or by ARN: its last path segment) and its roles."""
+    name = name_or_arn.rsplit("/", 1)[-1]
+    try:
+        profile = client(account, "iam").get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchEntity":
+            raise AdapterError(f"the instance profile {name} does not exist (get instance profile: NoSuchEntity)") from None
+        raise _error(exc, f"get instance profile {name}") from None
+    except (BotoCoreError, ResponseParserError) as exc:
+        raise _error(exc, f"get instance profile {name}") from None
+    return {"name": profile["InstanceProfileName"], "arn": profile["Arn"],
+            "roles": [role["RoleName"] for role in profile.get("Roles", [])]}
 
 
 def _imported(raw: dict) -> dict:

@@ -36,24 +36,43 @@ def check_repository(repository: str, *, allow_file: bool = False) -> str:
     raise refused
 
 
+def _ls_remote(repository: str, *refs: str, timeout: float, allow_file: bool) -> str:
+    check_repository(repository, allow_file=allow_file)
+    # git itself refuses any other transport, redirects to one included
+    protocols = "https:ssh" + (":file" if allow_file else "")
+    try:
+        found = subprocess.run(
+            ["git", "ls-remote", "--", repository, *refs],
+            capture_output=True, text=True, timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0", "GIT_ALLOW_PROTOCOL": protocols, "PATH": "/usr/bin:/bin:/usr/local/bin"},
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AdapterError(f"cannot ask {repository} about {' '.join(refs) or 'its revisions'}: {exc}") from None
+    if found.returncode != 0:
+        raise AdapterError(f"cannot read {repository}: {found.stderr.strip()[:200]}")
+    return found.stdout
+
+
+def revisions(repository: str, timeout: float = 15, *, allow_file: bool = False) -> dict[str, list[str]]:
+    """The branches and tags a repository lists, without cloning it:
+    {"branches": [...], "tags": [...]}; the default branch (HEAD's) first."""
+    listed = [line.split("\t")[::-1] for line in _ls_remote(
+        repository, timeout=timeout, allow_file=allow_file).splitlines() if "\t" in line]
+    refs = dict(listed)
+    head = refs.get("HEAD")
+    branches = [name.removeprefix("refs/heads/") for name, _ in listed if name.startswith("refs/heads/")]
+    branches.sort(key=lambda b: refs[f"refs/heads/{b}"] != head)
+    tags = [name.removeprefix("refs/tags/") for name, _ in listed if name.startswith("refs/tags/") and not name.endswith("^{}")]
+    return {"branches": branches, "tags": tags}
+
+
 def resolve(repository: str, revision: str, timeout: float = 15, *, allow_file: bool = False) -> str | None:
     """The commit a branch or tag names; the revision itself if it looks like a
     commit (a remote cannot be asked for one); None if the remote has no such ref."""
     check_repository(repository, allow_file=allow_file)
     if _SHA.match(revision):
         return revision
-    # git itself refuses any other transport, redirects to one included
-    protocols = "https:ssh" + (":file" if allow_file else "")
-    try:
-        found = subprocess.run(
-            ["git", "ls-remote", "--", repository, revision, f"refs/tags/{revision}^{{}}"],
-            capture_output=True, text=True, timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0", "GIT_ALLOW_PROTOCOL": protocols, "PATH": "/usr/bin:/bin:/usr/local/bin"},
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise AdapterError(f"cannot ask {repository} about {revision}: {exc}") from None
-    if found.returncode != 0:
-        raise AdapterError(f"cannot read {repository}: {found.stderr.strip()[:200]}")
-    refs = dict(reversed(line.split("\t")) for line in found.stdout.splitlines() if "\t" in line)
+    stdout = _ls_remote(repository, revision, f"refs/tags/{revision}^{{}}", timeout=timeout, allow_file=allow_file)
+    refs = dict(reversed(line.split("\t")) for line in stdout.splitlines() if "\t" in line)
     for name in (f"refs/tags/{revision}^{{}}", f"refs/heads/{revision}", f"refs/tags/{revision}", revision):
         if name in refs:
             return refs[name]

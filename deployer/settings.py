@@ -330,6 +330,13 @@ ALLOW_FILE_REPOSITORIES = env.bool("ALLOW_FILE_REPOSITORIES", default=False)
 # worker that cannot switch fails the step rather than run the task as itself.
 LOCAL_TASK_USER = env.str("LOCAL_TASK_USER", default="")
 
+# Preflight (releases/preflight.py) runs on a worker, where releases run: the
+# web process asks one and waits up to PREFLIGHT_TIMEOUT seconds for its answer.
+# With PREFLIGHT_BEFORE_RELEASE (the default) the wizard's review step shows it
+# and starting a release (page or API) refuses when a check failed.
+PREFLIGHT_BEFORE_RELEASE = env.bool("PREFLIGHT_BEFORE_RELEASE", default=True)
+PREFLIGHT_TIMEOUT = env.float("PREFLIGHT_TIMEOUT", default=120.0)
+
 # The sandbox writes its endpoints here (`manage.py sandbox`).
 SANDBOX_FILE = VAR_DIR / "sandbox.json"
 

@@ -94,11 +94,32 @@ def release_create(request):
     strategy = body.get("strategy", "bake")
     if not isinstance(strategy, str):
         raise services.BadInput("strategy is bake or deploy_from_image", field="strategy")
-    release = services.release_create(
+    release = services.release_start(
         environment=environment, revision=revision, strategy=strategy, fleet_size=body.get("clone_count"),
         actor=request.user, source_ip=client_ip(request),
     )
     return Response(selectors.release_dict(selectors.release_for_detail(release.pk)), status=201)
+
+
+@openapi.environment_preflight
+@api_view(["POST"])
+def environment_preflight(request, name: str):
+    _may(permissions.can_deploy, "running a preflight needs the deployer role", request)
+    body = _body(request) if request.data else {}
+    unknown = set(body) - {"revision", "strategy"}
+    if unknown:
+        raise services.BadInput(f"unknown fields: {', '.join(sorted(unknown))}")
+    revision, strategy = body.get("revision", ""), body.get("strategy", "")
+    if not isinstance(revision, str):
+        raise services.BadInput("revision is a branch, tag or commit", field="revision")
+    if not isinstance(strategy, str):
+        raise services.BadInput("strategy is bake or deploy_from_image", field="strategy")
+    environment = Environment.objects.select_related("recipe").filter(name=name).first()
+    if environment is None:
+        raise services.NotFound(f"there is no environment {name!r}")
+    checks = services.environment_preflight(environment=environment, actor=request.user, revision=revision,
+                                            strategy=strategy, source_ip=client_ip(request))
+    return Response({"environment": environment.name, "ok": not services.preflight_failed(checks), "checks": checks})
 
 
 @openapi.release_detail

@@ -148,6 +148,19 @@ class ReleaseOut(serializers.Serializer):
     instances = InstanceOut(many=True)
 
 
+class CheckOut(serializers.Serializer):
+    name = serializers.CharField(help_text="what was checked: credentials, load balancer, subnets, may RunInstances, ssh...")
+    status = serializers.ChoiceField(choices=["ok", "warning", "failed"])
+    message = serializers.CharField(allow_blank=True)
+    fix = serializers.CharField(allow_blank=True, help_text="what to do, when it is not ok")
+
+
+class PreflightOut(serializers.Serializer):
+    environment = serializers.CharField()
+    ok = serializers.BooleanField(help_text="no check failed (warnings allowed)")
+    checks = CheckOut(many=True)
+
+
 class LogLineOut(serializers.Serializer):
     seq = serializers.IntegerField(min_value=1)
     step = serializers.CharField()
@@ -203,6 +216,12 @@ class ReleaseIn(serializers.Serializer):
         help_text="the size of the new fleet, the canary included; default: the environment's desired_count")
 
 
+class PreflightIn(serializers.Serializer):
+    revision = serializers.CharField(required=False, help_text="also check that the repository has it")
+    strategy = serializers.ChoiceField(choices=Release.Strategy.choices, required=False,
+                                       help_text="the image it launches from must be available")
+
+
 class CommentIn(serializers.Serializer):
     comment = serializers.CharField(required=False, allow_blank=True, max_length=services.COMMENT_LIMIT)
 
@@ -232,14 +251,37 @@ environment_list = extend_schema(
     responses={200: EnvironmentList, **READ},
 )
 
+class PreflightRefused(Error):
+    checks = CheckOut(many=True, required=False, help_text="when preflight failed: every check, as the preflight answers them")
+
+
 release_create = extend_schema(
     operation_id="release_create",
     summary="Start a release", tags=["releases"],
-    description="Its plan is frozen now; a worker starts it. Needs the deployer role.",
+    description="A worker runs the environment's preflight first (where the server has PREFLIGHT_BEFORE_RELEASE on, "
+                "the default); its plan is frozen then, and a worker starts it. Needs the deployer role.",
     request={"application/json": ReleaseIn},
     responses={201: ReleaseOut, **BAD_INPUT, **UNAUTHENTICATED, **NO_ROLE,
-               **{409: _error("the environment has an active release already (its id is in `release`)")}},
+               **{409: OpenApiResponse(PreflightRefused, description=(
+                   "the environment has an active release already (its id is in `release`), or its preflight failed "
+                   "(every check is in `checks`)"))}},
     examples=[OpenApiExample("a release", value={"environment": "prepan", "revision": "v2"}, request_only=True)],
+)
+
+ENVIRONMENT_NAME = OpenApiParameter("name", {"type": "string", "pattern": "^[^/]+$"}, OpenApiParameter.PATH,
+                                    description="the environment's name")
+
+environment_preflight = extend_schema(
+    operation_id="environment_preflight",
+    summary="Check an environment before a release", tags=["environments"],
+    description="A worker runs every check a release depends on (credentials, load balancer, subnets, security "
+                "groups, key pair and key file, images, DryRun permissions, the repository, SSH to one current "
+                "instance) and changes nothing. Needs the deployer role: it calls AWS with the workers' credentials.",
+    parameters=[ENVIRONMENT_NAME],
+    request={"application/json": PreflightIn},
+    responses={200: PreflightOut, **BAD_INPUT, **UNAUTHENTICATED, **NO_ROLE,
+               404: _error("there is no such environment")},
+    examples=[OpenApiExample("a release's preflight", value={"revision": "v2", "strategy": "bake"}, request_only=True)],
 )
 
 release_detail = extend_schema(
@@ -303,8 +345,9 @@ def closed_request_bodies(result, generator, request, public):
     fields: ..."), so its body's schema allows no other properties. (A gate's
     decision reads `comment` and ignores the rest.)"""
     schemas = result.get("components", {}).get("schemas", {})
-    if "ReleaseInRequest" in schemas:
-        schemas["ReleaseInRequest"]["additionalProperties"] = False
+    for name in ("ReleaseInRequest", "PreflightInRequest"):
+        if name in schemas:
+            schemas[name]["additionalProperties"] = False
     return result
 
 

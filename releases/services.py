@@ -107,6 +107,50 @@ def _refuse(release: Release, action: str, what: str) -> None:
         raise Conflict(f"release {release.pk} is {release.status}; {what}", status=release.status)
 
 
+def environment_preflight(*, environment: Environment, actor, revision: str = "", strategy: str = "",
+                          source_ip: str | None = None) -> list[dict]:
+    """Every check a release of `environment` depends on, run by a worker;
+    changes nothing (releases/preflight.py). Needs the deployer role: it
+    changes nothing, but it calls AWS and SSH with the workers' credentials."""
+    if not permissions.can_deploy(actor):
+        raise NotAllowed("running a preflight needs the deployer role")
+    if strategy and strategy not in plan.STRATEGIES:
+        raise BadInput(f"unknown strategy {strategy!r}; choose {' or '.join(plan.STRATEGIES)}", field="strategy")
+    if revision:
+        revision = validate_revision(revision)
+    checks = tasks.preflight_on_worker(environment, revision=revision, strategy=strategy)
+    audit.record("environment.preflight", actor=actor, source_ip=source_ip, environment=environment,
+                 target=environment.name, revision=revision, strategy=strategy,
+                 failed=[c["name"] for c in checks if c["status"] == "failed"])
+    return checks
+
+
+def preflight_failed(checks: list[dict]) -> list[dict]:
+    return [c for c in checks if c["status"] == "failed"]
+
+
+def release_start(*, environment: Environment, revision: str, strategy: str = "bake", fleet_size: int | None = None,
+                  actor, source_ip: str | None = None, checks: list[dict] | None = None) -> Release:
+    """A release, after its preflight passed (where PREFLIGHT_BEFORE_RELEASE is on):
+    409 naming the failed checks, with every check, when one failed. `checks`:
+    a preflight run a moment ago for this very release; else one runs now."""
+    if not permissions.can_deploy(actor):
+        raise NotAllowed("starting a release needs the deployer role")
+    revision = validate_revision(revision)
+    if settings.PREFLIGHT_BEFORE_RELEASE:
+        if checks is None:
+            # no preflight for a release that cannot start anyway
+            if active := Release.objects.filter(environment=environment, status__in=Release.ACTIVE).first():
+                raise Conflict(f"{environment.name} already has an active release", release=active.pk)
+            checks = environment_preflight(environment=environment, actor=actor, revision=revision, strategy=strategy,
+                                           source_ip=source_ip)
+        if failed := preflight_failed(checks):
+            raise Conflict("preflight failed, so the release was not started: "
+                           + "; ".join(f"{c['name']}: {c['message']}" for c in failed), checks=checks)
+    return release_create(environment=environment, revision=revision, strategy=strategy, fleet_size=fleet_size,
+                          actor=actor, source_ip=source_ip)
+
+
 @transaction.atomic
 def release_create(*, environment: Environment, revision: str, strategy: str = "bake", fleet_size: int | None = None,
                    actor, source_ip: str | None = None) -> Release:

@@ -1,12 +1,17 @@
 """Celery entry points: ids in, the engine does the work, and a release that
 waits on AWS is queued again with a countdown rather than held by a worker."""
 
+import json
 import logging
+import uuid
 
+import redis
 from celery import shared_task
+from django.conf import settings
 from kombu.exceptions import OperationalError
 
-from . import engine
+from . import engine, preflight
+from .models import Environment
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +63,45 @@ def sweep() -> dict:
     for release_id in result["nudge"]:
         nudge(release_id)
     return {**result, "nudge": len(result["nudge"])}
+
+
+PREFLIGHT_REPLY = "greenlight:preflight:"  # + a random id: the list a worker pushes its answer to
+
+
+@shared_task(acks_late=True)
+def run_preflight(environment_id: int, reply_to: str, revision: str = "", strategy: str = "") -> None:
+    environment = Environment.objects.select_related("recipe").filter(pk=environment_id).first()
+    if environment is None:
+        checks = [preflight.Check("environment", preflight.FAILED, "it was deleted a moment ago")]
+    else:
+        checks = preflight.run(environment, revision=revision, strategy=strategy)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        client.rpush(reply_to, json.dumps([c.as_dict() for c in checks]))
+        client.expire(reply_to, int(settings.PREFLIGHT_TIMEOUT) + 60)  # nobody may be waiting any more
+    finally:
+        client.close()
+
+
+def preflight_on_worker(environment: Environment, *, revision: str = "", strategy: str = "") -> list[dict]:
+    """Preflight as a worker sees it (its credentials, key files, network),
+    for the web process: asks one and waits up to PREFLIGHT_TIMEOUT for the
+    answer, a blocking pop on Redis, not a poll."""
+    reply_to = f"{PREFLIGHT_REPLY}{uuid.uuid4().hex}"
+    timeout = settings.PREFLIGHT_TIMEOUT
+    fix = "start the workers (python -m celery -A deployer worker), or look at their logs"
+    try:
+        run_preflight.apply_async((environment.pk, reply_to, revision, strategy), expires=timeout)
+    except OperationalError as exc:
+        return [preflight.Check("workers", preflight.FAILED, f"cannot ask a worker: the broker did not take the message "
+                                f"({type(exc).__name__})", fix).as_dict()]
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=timeout + 10)
+    try:
+        answer = client.blpop([reply_to], timeout=max(1, int(timeout)))
+    except redis.RedisError as exc:
+        answer, fix = None, f"Redis did not answer ({type(exc).__name__}); {fix}"
+    finally:
+        client.close()
+    if answer is None:
+        return [preflight.Check("workers", preflight.FAILED, f"no worker answered within {timeout:g}s", fix).as_dict()]
+    return json.loads(answer[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from functools import wraps
 
 from django.conf import settings
@@ -91,6 +92,23 @@ def environment_detail(request, name: str):
     return render(request, "releases/environment.html", {
         "environment": environment, "instances": instances, "aws_error": error,
         "can_deploy": permissions.can_deploy(request.user), "can_configure": permissions.can_configure(request.user),
+    })
+
+
+@deployer
+@require_POST
+def environment_preflight(request, name: str):
+    """The Check button: a worker runs the preflight; the page shows its answer."""
+    environment = get_object_or_404(Environment.objects.select_related("recipe"), name=name)
+    checks = services.environment_preflight(environment=environment, actor=request.user, source_ip=client_ip(request))
+    try:
+        instances, error = selectors.environment_instances(environment), ""
+    except AdapterError as exc:
+        instances, error = [], str(exc)
+    return render(request, "releases/environment.html", {
+        "environment": environment, "instances": instances, "aws_error": error, "checks": checks,
+        "failed": services.preflight_failed(checks),
+        "can_deploy": True, "can_configure": permissions.can_configure(request.user),
     })
 
 
@@ -221,6 +239,10 @@ def release_new(request):
     form = forms[step](None) if step in forms else None
     if request.method == "POST":
         going_back = "back" in request.POST
+        if step == "review" and "recheck" in request.POST:
+            data.pop("preflight", None)
+            request.session[WIZARD] = data
+            return redirect(f"{reverse('release_new')}?step=review")
         if step == "review" and not going_back:
             return _start(request, data, environment)
         form = forms[step](request.POST) if step in forms else None
@@ -236,7 +258,33 @@ def release_new(request):
             data.update(values)
             request.session[WIZARD] = data
             return redirect(f"{reverse('release_new')}?step={WIZARD_STEPS[WIZARD_STEPS.index(step) + 1]}")
-    return render(request, "releases/wizard.html", _wizard_context(step, form, data, environment))
+    context = _wizard_context(step, form, data, environment)
+    if step == "review" and settings.PREFLIGHT_BEFORE_RELEASE:
+        checks = _preflight(request, data, environment)
+        context.update(checks=checks, preflight_failed=services.preflight_failed(checks))
+    return render(request, "releases/wizard.html", context)
+
+
+PREFLIGHT_FRESH = 600  # seconds a review's preflight stands for its start
+
+
+def _preflight(request, data: dict, environment: Environment, *, fresh_only: bool = False) -> list[dict] | None:
+    """The review's preflight for what the wizard holds: run by a worker once,
+    kept in the session (server-side) for the start, for PREFLIGHT_FRESH seconds."""
+    key = [environment.name, data.get("revision", ""), data.get("strategy", "bake")]
+    kept = data.get("preflight") or {}
+    if kept.get("key") == key and time.time() - kept.get("at", 0) < PREFLIGHT_FRESH:
+        return kept["checks"]
+    if fresh_only:
+        return None
+    try:
+        checks = services.environment_preflight(environment=environment, actor=request.user, revision=key[1],
+                                                strategy=key[2], source_ip=client_ip(request))
+    except services.ServiceError as exc:
+        return [{"name": "preflight", "status": "failed", "message": str(exc), "fix": ""}]
+    data["preflight"] = {"key": key, "at": time.time(), "checks": checks}
+    request.session[WIZARD] = data
+    return checks
 
 
 def _revision_exists(form, environment: Environment, revision: str) -> bool:
@@ -262,10 +310,12 @@ def _wizard_context(step: str, form, data: dict, environment: Environment | None
 
 
 def _start(request, data: dict, environment: Environment):
+    checks = _preflight(request, data, environment, fresh_only=True) if settings.PREFLIGHT_BEFORE_RELEASE else None
     try:
-        release = services.release_create(
+        release = services.release_start(
             environment=environment, revision=data.get("revision", ""), strategy=data.get("strategy", "bake"),
             fleet_size=int(data.get("clone_count") or environment.desired_count), actor=request.user, source_ip=client_ip(request),
+            checks=checks,
         )
     except services.ServiceError as exc:
         messages.error(request, str(exc))

@@ -15,6 +15,14 @@ from tests.helpers import ROOT, SandboxProcess, wait_for
 os.environ["ALLOW_FILE_REPOSITORIES"] = "true"
 settings.ALLOW_FILE_REPOSITORIES = True
 
+# Starting a release runs its preflight first (on a worker, against real AWS or
+# the sandbox); most tests start releases of environments that are not all
+# there (an endpoint nobody answers, a key file that is not written), to test
+# something else. Off here and in the processes the tests start; the tests of
+# preflight itself (tests/test_preflight*.py) turn it on.
+os.environ["PREFLIGHT_BEFORE_RELEASE"] = "false"
+settings.PREFLIGHT_BEFORE_RELEASE = False
+
 # Secrets of the workers' own, for the redaction tests (tests/test_redaction.py):
 # a sensitive setting, and credentials an environment refers to as "env:GLREDACT".
 # Every process the tests start inherits them.
@@ -55,8 +63,9 @@ def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
          "--schedule", str(log.parent / "beat-schedule")],
         cwd=ROOT,
         # the same key as the tests: every process that records appends to one audit chain
+        # every AWS call it makes, as IAM actions, for tests/test_iam_policy.py (deployer/aws.py RECORD_CALLS)
         env={**os.environ, "DATABASE_URL": url, "SWEEP_SECONDS": "1", "GREENLIGHT_VAR_DIR": str(log.parent),
-             "SECRET_KEY": settings.SECRET_KEY},
+             "SECRET_KEY": settings.SECRET_KEY, "GREENLIGHT_RECORD_AWS_CALLS": str(log.parent / "aws-calls.txt")},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )

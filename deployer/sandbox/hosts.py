@@ -21,6 +21,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -108,7 +109,7 @@ class Host:
 
     def env(self) -> dict[str, str]:
         return {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "PATH": f"{self.hosts.dir / 'bin'}:{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
             "HOME": str(self.root),
             "USER": self.ssh_user,
             "LANG": "C.UTF-8",
@@ -254,8 +255,26 @@ class Hosts:
         self.hosts: dict[str, Host] = {}
         (self.dir / "instances").mkdir(parents=True, exist_ok=True)
         (self.dir / "images").mkdir(parents=True, exist_ok=True)
+        self._write_id()
         cloud.on_image_created = self.snapshot
         cloud.host_keys = self.host_public_keys
+
+    def _write_id(self) -> None:
+        """An instance has its login user (ec2-user), which this machine may
+        not: `id` on a sandbox instance knows it as an EC2 image does, and
+        asks the real `id` about everything else."""
+        bin_dir = self.dir / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        user = self.ssh_user if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", self.ssh_user) else "ec2-user"
+        script = bin_dir / "id"
+        script.write_text(
+            "#!/bin/sh\n"
+            'case "$*" in\n'
+            f'  "-u {user}"|"-u -- {user}") echo 1000; exit 0 ;;\n'
+            f'  "-un"|"-u -n"|"-nu") echo {user}; exit 0 ;;\n'
+            "esac\n"
+            'PATH=/usr/bin:/bin exec id "$@"\n')
+        script.chmod(0o755)
 
     def host_public_keys(self, instance_id: str) -> list[str]:
         path = self.dir / "instances" / instance_id / "ssh_host_ed25519_key.pub"
