@@ -30,14 +30,14 @@ from tests.test_browser import sign_in, wait_in
 pytestmark = pytest.mark.sandbox
 
 
-def test_database_url() -> str:
+def database_url_of_tests() -> str:
     db = settings.DATABASES["default"]
     return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
 def on_test_database(args: list[str], directory, redis_url: str, **env) -> Child:
     """On its Redis and the test database."""
-    return Child(args, directory, redis_url, test_database_url(), settings.SECRET_KEY, **env)
+    return Child(args, directory, redis_url, database_url_of_tests(), settings.SECRET_KEY, **env)
 
 
 @pytest.fixture(scope="module")
