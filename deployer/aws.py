@@ -189,6 +189,7 @@ class InstanceInfo:
     public_dns: str
     name: str
     tags: dict
+    public_ip: str = ""
 
     def address(self, kind: str) -> str:
         return self.public_dns if kind == "public" and self.public_dns else self.private_ip
@@ -203,6 +204,7 @@ def _instance_info(raw: dict) -> InstanceInfo:
         public_dns=raw.get("PublicDnsName", ""),
         name=tags.get("Name", ""),
         tags=tags,
+        public_ip=raw.get("PublicIpAddress", ""),
     )
 
 

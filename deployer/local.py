@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from .errors import AdapterError, Cancelled
-from .ssh import LineCallback, _LineSplitter
+from .ssh import ConfigHost, LineCallback, Target, _LineSplitter, openssh_config
 
 POLL_SECONDS = 0.2  # how often a quiet command's deadline and cancel are checked
 GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL, to let tools clean up
@@ -59,6 +59,50 @@ def scratch_environment(scratch: str, user: pwd.struct_passwd | None = None) -> 
     name = user.pw_name if user else pwd.getpwuid(os.getuid()).pw_name
     return {"PATH": os.environ.get("PATH") or DEFAULT_PATH, "HOME": scratch, "LANG": os.environ.get("LANG") or "C.UTF-8",
             "USER": name, "LOGNAME": name}
+
+
+class SSHKit:
+    """What a local task needs to reach one host over SSH the way the worker
+    does, and nothing it could use to reach another way: a copy of the key
+    (and the bastion's), an ssh_config naming the host (by its Name tag and
+    its address), the bastion as ProxyJump, and a known_hosts of the pinned
+    keys only, with StrictHostKeyChecking. All of it in a directory of its
+    own, 0700, the files 0600, owned by the task's user (LOCAL_TASK_USER), so
+    that user reads the key only while the kit exists and nobody else ever
+    does; `remove` deletes it. The original key stays unreadable to that user."""
+
+    def __init__(self, *, target: Target, name: str, instance_id: str, user: str = ""):
+        account = task_user(user)
+        self.directory = tempfile.mkdtemp(prefix="greenlight-ssh-")  # 0700
+        try:
+            self._owner = (account.pw_uid, account.pw_gid) if account and account.pw_uid != os.geteuid() else None
+            if self._owner:
+                os.chown(self.directory, *self._owner)
+            self.key_file = self._write("id_key", target.private_key)
+            jump_key = self._write("bastion_key", target.jump.private_key) if target.jump else ""
+            self.known_hosts = os.path.join(self.directory, "known_hosts")
+            config, known = openssh_config(
+                [ConfigHost(name=name, address=target.host, host_key=target.host_key, instance_id=instance_id)],
+                user=target.user, port=target.port, key_file=self.key_file, known_hosts=self.known_hosts,
+                jump=target.jump, jump_key_file=jump_key, match_address=True, batch=True,
+                heading=f"{name} ({instance_id}) as Greenlight's workers reach it; removed when the task's phase ends")
+            self._write("known_hosts", known)
+            self.config = self._write("ssh_config", config)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _write(self, name: str, text: str) -> str:
+        path = os.path.join(self.directory, name)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text if text.endswith("\n") or not text else text + "\n")
+        if self._owner:
+            os.chown(path, *self._owner)
+        return path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def run_in_scratch(command: str, *, user: str = "", extra_env: dict[str, str] | None = None, **options) -> int:

@@ -19,6 +19,10 @@ SSH on every host of the role; a *local* task runs on the worker once per
 host. A task may set `timeout`, the seconds each of its commands may take
 (a whole number from 1 to 86400: a cookbook run may need far longer than a
 `git checkout`); without one, the environment's command timeout applies.
+A local task that drives a tool over SSH (`knife solo cook`, `scp`, `rsync`)
+gets `{ssh_config}`, an ssh_config for its host with the bastion as ProxyJump,
+and `{known_hosts}` with the host's pinned key, so the tool never trusts a key
+it has not been given: `ssh -F {ssh_config} {host} ...`.
 A local task gets no AWS credentials unless it declares `"aws": true`; then
 it gets the environment's own (never the worker's), for a tool that calls
 AWS itself.
@@ -41,13 +45,16 @@ BUILTIN_PARAMS = frozenset(
         "name",  # the instance's Name tag
         "ssh_user",
         "ssh_port",
-        "ssh_key_file",
+        "ssh_key_file",  # for a local task: a copy its user may read, while the phase runs
+        "ssh_config",  # local tasks only: an ssh_config for this host (bastion included): ssh -F {ssh_config} {host}
+        "known_hosts",  # local tasks only: the host's pinned key, for a tool that takes a known_hosts file
         "revision",
         "repository",
         "app_port",
         "environment",
     }
 )
+LOCAL_ONLY_PARAMS = frozenset({"ssh_config", "known_hosts"})  # files on the worker: nothing on the host has them
 RUN_KINDS = ("remote", "local")
 TASK_KEYS = frozenset({"run", "commands", "timeout", "aws"})
 MAX_TIMEOUT = 86400  # a day: longer is a command that hangs, not one that works
@@ -141,6 +148,9 @@ def validate(recipe: object) -> dict:
                 raise RecipeError(f"task {name}: {exc}") from None
             if undeclared := sorted(set(fields) - known):
                 raise RecipeError(f"task {name}: undeclared parameter {', '.join(undeclared)}")
+            if task.get("run", "remote") == "remote" and (local_only := sorted(set(fields) & LOCAL_ONLY_PARAMS)):
+                raise RecipeError(f"task {name}: {', '.join(local_only)} is for local tasks (a file on the worker, "
+                                  "not on the host)")
     phases = recipe.get("phases", {})
     if not isinstance(phases, dict):
         raise RecipeError("phases maps a phase (provision, deploy) to a list of task names")
@@ -150,6 +160,15 @@ def validate(recipe: object) -> dict:
         if missing := [n for n in names if n not in tasks]:
             raise RecipeError(f"phase {phase}: unknown task {', '.join(missing)}")
     return recipe
+
+
+SSH_FILE_PARAMS = frozenset({"ssh_key_file", "ssh_config", "known_hosts"})
+
+
+def local_ssh_params(recipe: dict, phase: str) -> set[str]:
+    """The SSH files the phase's local tasks refer to: the worker makes them for those tasks only."""
+    return {field for name in recipe.get("phases", {}).get(phase, []) if recipe["tasks"][name].get("run") == "local"
+            for command in recipe["tasks"][name]["commands"] for field in template_fields(command)} & SSH_FILE_PARAMS
 
 
 def render(recipe: dict, phase: str, values: dict, role: str = "") -> list[Command]:

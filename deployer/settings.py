@@ -337,6 +337,13 @@ LOCAL_TASK_USER = env.str("LOCAL_TASK_USER", default="")
 PREFLIGHT_BEFORE_RELEASE = env.bool("PREFLIGHT_BEFORE_RELEASE", default=True)
 PREFLIGHT_TIMEOUT = env.float("PREFLIGHT_TIMEOUT", default=120.0)
 
+# A new instance's SSH host key is taken from its console output (cloud-init
+# prints it there), waited for up to the environment's SSH limit; with no key
+# by then the step fails. True trusts the key the instance presents at first
+# contact instead, for images that print no keys: weaker (whoever answers at
+# that address first is believed), so off unless an administrator says so.
+SSH_TRUST_FIRST_CONTACT = env.bool("SSH_TRUST_FIRST_CONTACT", default=False)
+
 # The sandbox writes its endpoints here (`manage.py sandbox`).
 SANDBOX_FILE = VAR_DIR / "sandbox.json"
 

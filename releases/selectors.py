@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
-from deployer import aws
+from deployer import aws, ssh
 
 from . import audit, engine, plan, transitions
 from .logs import line_dict
@@ -211,6 +211,42 @@ def environment_instances(environment: Environment, *, registered_only: bool = F
     if registered_only:
         rows = [r for r in rows if r["id"] in health]
     return sorted(rows, key=lambda r: (len(r["name"]), r["name"]))
+
+
+def environment_ssh_config(environment: Environment, *, known_hosts: str) -> tuple[str, str]:
+    """An OpenSSH config of the environment's running instances, one Host per
+    Name tag (the seed's `ec2ssh`), and the known_hosts file it points to
+    (`known_hosts`: its path as the config names it). Each host's key is the
+    one a release pinned, else the one its console output shows; a host with
+    neither is listed without a key, and ssh refuses it. The bastion, if the
+    environment has one, is a Host of its own with its pinned key, and every
+    instance is reached through it (ProxyJump)."""
+    cloud = engine.cloud_for(plan.settings_of(environment))
+    running = cloud.instances(tags={aws.TAG_ENVIRONMENT: environment.name}, states=("pending", "running"))
+    listed = {i.id for i in running}
+    if registered := [i for i in cloud.health() if i not in listed]:
+        running += [i for i in cloud.instances(ids=registered) if i.state in ("pending", "running")]
+    pinned = dict(Instance.objects.filter(instance_id__in=[i.id for i in running]).exclude(host_key="")
+                  .order_by("created_at").values_list("instance_id", "host_key"))  # the latest wins
+    hosts = []
+    for info in sorted(running, key=lambda i: (len(i.name), i.name, i.id)):
+        key = pinned.get(info.id)
+        if not key:
+            keys = cloud.console_host_keys(info.id)
+            key = next((k for k in keys if k.startswith("ssh-ed25519")), keys[0] if keys else "")
+        hosts.append(ssh.ConfigHost(name=info.name, address=info.address(environment.address), host_key=key,
+                                    instance_id=info.id))
+    jump = None
+    if environment.bastion_host:
+        jump = ssh.Target(host=environment.bastion_host, port=environment.bastion_port,
+                          user=environment.bastion_user or environment.ssh_user, host_key=environment.bastion_host_key)
+    return ssh.openssh_config(
+        hosts, user=environment.ssh_user, port=environment.ssh_port, key_file=environment.ssh_key_file,
+        known_hosts=known_hosts, jump=jump, jump_key_file=environment.bastion_key_file or environment.ssh_key_file,
+        jump_alias=f"{environment.name}-bastion",
+        heading=f"Greenlight: the instances of {environment.name}, written {timezone.now():%Y-%m-%d %H:%M} UTC.\n"
+                f"Use: ssh -F <this file> {hosts[0].name if hosts and hosts[0].name else 'NAME'}\n"
+                "IdentityFile is the key's path on Greenlight's workers; the key itself is not in here.")
 
 
 def _launched_by(instances: list[aws.InstanceInfo]) -> dict[str, dict]:

@@ -319,6 +319,8 @@ def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None 
     except AdapterError as exc:
         raise BadInput(f"{exc} (the sandbox's own repository needs ALLOW_FILE_REPOSITORIES=true)", field="repository") from None
     recipe, _ = Recipe.objects.update_or_create(name=f"{info['environment']}-demo", defaults={"definition": info["recipe"]})
+    for name, definition in info.get("recipes", {}).items():  # offered, for a maintainer to choose
+        Recipe.objects.update_or_create(name=f"{info['environment']}-{name}", defaults={"definition": definition})
     # an environment names exactly one of the two: behind an ALB, its target group
     alb = info.get("load_balancer_kind", "classic") == "alb"
     fields = {
@@ -348,12 +350,41 @@ def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None 
         "recipe": recipe,
         # a sandbox playing AWS's timings faster: the engine's waits run at its clock
         "time_scale": info.get("time_scale", 1.0),
+        # a sandbox run with --bastion: its instances answer SSH only through it
+        **_sandbox_bastion(info.get("bastion")),
     }
     environment, created = Environment.objects.update_or_create(name=info["environment"], defaults=fields)
     environment.full_clean()
     audit.record("environment.import" if created else "environment.update", actor=actor, source_ip=source_ip,
                  environment=environment, target=environment.name, source="sandbox")
     return environment
+
+
+def environment_ssh_config_export(*, environment: Environment, actor, source_ip: str | None = None) -> bytes:
+    """The environment's ssh config and known_hosts as a zip, for a person to
+    unzip into ~/.ssh/ (the config's UserKnownHostsFile points there). It maps
+    the fleet's addresses and the workers' key paths, never a key: recorded."""
+    import io
+    import zipfile
+
+    from . import selectors
+
+    folder = f"greenlight-{environment.name}"
+    config, known_hosts = selectors.environment_ssh_config(environment, known_hosts=f"~/.ssh/{folder}/known_hosts")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{folder}/ssh_config", f"# unzip into ~/.ssh/, then: ssh -F ~/.ssh/{folder}/ssh_config NAME\n" + config)
+        archive.writestr(f"{folder}/known_hosts", known_hosts)
+    audit.record("environment.ssh_config", actor=actor, source_ip=source_ip, environment=environment,
+                 target=environment.name, hosts=config.count("\nHost "))
+    return buffer.getvalue()
+
+
+def _sandbox_bastion(bastion: dict | None) -> dict:
+    if not bastion:
+        return {"bastion_host": "", "bastion_port": 22, "bastion_user": "", "bastion_key_file": "", "bastion_host_key": ""}
+    return {"bastion_host": bastion["host"], "bastion_port": bastion["port"], "bastion_user": bastion["user"],
+            "bastion_key_file": bastion["key_file"], "bastion_host_key": bastion["host_key"]}
 
 
 def configuration_values(obj) -> dict:

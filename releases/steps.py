@@ -40,7 +40,6 @@ from .plan import CANCEL_ENDS_AT, FROZEN_DEFAULTS, LIMIT_DEFAULTS
 SSH_WORKERS = 8
 CHECK_WORKERS = 16
 IN_SERVICE_MARGIN = 120  # AWS seconds beyond interval x healthy threshold: registration takes a while to reach the checks
-CONSOLE_GRACE = 180  # AWS seconds to wait for the host key in the console once sshd answers
 DRAINING_MARGIN = 60  # AWS seconds beyond the draining timeout before giving up on a target still draining
 MAX_DRAINING = 3600  # AWS's own ceiling for connection draining and deregistration delay
 IMAGE_VISIBLE = 60  # AWS seconds a new image may take to be listed (EC2 is eventually consistent)
@@ -236,8 +235,21 @@ class Context:
         return ", ".join(named.get(i) or i for i in ids) or "nothing"
 
     def url(self, instance: Instance | aws.InstanceInfo, path: str = "/") -> str:
+        """Where the worker reaches the instance's app: its checks go here."""
         address = instance.address if isinstance(instance, Instance) else instance.address(self.env["address"])
         return f"http://{address}:{self.env['app_port']}{path}"
+
+    def direct_url(self, row: Instance) -> str:
+        """Where a person opens the canary at the direct check: the environment's
+        `verify_url_template` when it has one (a public address, a DNS name, a
+        tunnel), else the address the worker uses."""
+        template = self.env.get("verify_url_template") or ""
+        if not template:
+            return self.url(row)
+        [info] = self.cloud.instances(ids=[row.instance_id]) or [None]
+        return template.format(
+            private_ip=info.private_ip if info else "", public_ip=info.public_ip if info else "",
+            public_dns=info.public_dns if info else "", address=row.address, port=self.env["app_port"], name=row.name)
 
 
 # -- instances that die behind Greenlight's back -----------------------------------
@@ -351,22 +363,49 @@ def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> 
     return ctx.record(info, role, slot)
 
 
-def target(ctx: Context, row: Instance) -> ssh.Target:
+def read_key(path: str, what: str = "SSH key file") -> str:
     try:
-        key = Path(ctx.env["ssh_key_file"]).read_text()
+        return Path(path).read_text()
     except OSError as exc:
-        raise StepFailed(f"cannot read the SSH key file {ctx.env['ssh_key_file']}: {exc.strerror}") from None
-    return ssh.Target(host=row.address, port=ctx.env["ssh_port"], user=ctx.env["ssh_user"], private_key=key, host_key=row.host_key)
+        raise StepFailed(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def bastion(ctx: Context) -> ssh.Target | None:
+    """The environment's bastion as a jump target, or None when the instances are reached directly."""
+    env = ctx.env
+    if not env["bastion_host"]:
+        return None
+    key_file = env["bastion_key_file"] or env["ssh_key_file"]
+    return ssh.Target(host=env["bastion_host"], port=env["bastion_port"], user=env["bastion_user"] or env["ssh_user"],
+                      private_key=read_key(key_file, "bastion's SSH key file"), host_key=env["bastion_host_key"])
+
+
+def target(ctx: Context, row: Instance) -> ssh.Target:
+    return ssh.Target(host=row.address, port=ctx.env["ssh_port"], user=ctx.env["ssh_user"],
+                      private_key=read_key(ctx.env["ssh_key_file"]), host_key=row.host_key, jump=bastion(ctx))
+
+
+def no_host_key(ctx: Context, row: Instance, limit: float) -> str:
+    return (f"{row.name} ({row.instance_id}) answers SSH, but its console output showed no SSH host key within "
+            f"{limit:g}s, so Greenlight cannot check whom it would talk to and does not connect. Look at the instance's "
+            f"console output (aws ec2 get-console-output --instance-id {row.instance_id}, or the EC2 console's "
+            "\"Get system log\"): cloud-init prints the keys between -----BEGIN SSH HOST KEY KEYS----- and -----END "
+            "SSH HOST KEY KEYS-----; an image without cloud-init, or with its keys-to-console module off, prints none. "
+            "Fix the image, or retry the step once the console shows the keys (an administrator may set "
+            "SSH_TRUST_FIRST_CONTACT to trust the first key instead)")
 
 
 def reachable(ctx: Context, row: Instance) -> None:
-    """SSH answers on the instance, with its host key pinned; else Wait.
+    """SSH answers on the instance (through the bastion, if there is one),
+    with its host key pinned; else Wait.
 
     The key is pinned from the console output (cloud-init prints it there)
     before the first SSH contact. AWS posts the console a minute or so after
     boot, often after sshd answers, so a listening port with no key in the
-    console yet waits for the console, up to CONSOLE_GRACE; only then is the
-    key the host presents at first contact trusted, and the log says so."""
+    console yet waits for the console, up to the environment's SSH limit;
+    then the step fails saying what to look at. Only where an administrator
+    opted in (SSH_TRUST_FIRST_CONTACT) is the key the host presents at first
+    contact trusted instead, and the log says so."""
     if not row.host_key:
         keys = ctx.cloud.console_host_keys(row.instance_id)
         preferred = [k for k in keys if k.startswith("ssh-ed25519")] or keys
@@ -374,11 +413,20 @@ def reachable(ctx: Context, row: Instance) -> None:
             Instance.objects.filter(pk=row.pk).update(host_key=preferred[0])
             row.host_key = preferred[0]
             ctx.info(f"pinned {row.name}'s host key from its console output", host=row.name)
+    jump = bastion(ctx)
+    via = f" through the bastion {jump.host}:{jump.port}" if jump else ""
+
     def ssh_wait(why: str) -> Wait:
-        return Wait(f"ssh:{row.instance_id}", f"SSH on {row.name} at {row.address}:{ctx.env['ssh_port']} ({why})",
+        return Wait(f"ssh:{row.instance_id}", f"SSH on {row.name} at {row.address}:{ctx.env['ssh_port']}{via} ({why})",
                     timeout=ctx.limit("ssh_timeout"), poll=10 * ctx.scale)
 
-    if not ssh.listening(row.address, ctx.env["ssh_port"]):
+    try:
+        up = ssh.listening(row.address, ctx.env["ssh_port"], jump=jump)
+    except AdapterError as exc:  # the bastion itself
+        if "host key" in str(exc):
+            raise StepFailed(f"{exc}: check the environment's pinned bastion host key against the bastion") from None
+        raise ssh_wait(str(exc)) from None
+    if not up:
         [info] = ctx.cloud.instances(ids=[row.instance_id]) or [None]
         ctx.refresh([info] if info else [])
         if info is not None and info.state in ("shutting-down", "terminated"):
@@ -389,9 +437,14 @@ def reachable(ctx: Context, row: Instance) -> None:
             ctx.cloud.start([row.instance_id])
             ctx.info(f"{row.name} ({row.instance_id}) is stopped; starting it again", host=row.name)
         raise ssh_wait(f"it is {info.state}" if info is not None and info.state != "running" else "nothing answers yet")
-    if not row.host_key and ctx.waited(f"console:{row.instance_id}") < CONSOLE_GRACE * ctx.scale:
-        raise Wait(f"console:{row.instance_id}", f"{row.name}'s host key in its console output",
-                   timeout=(CONSOLE_GRACE + 60) * ctx.scale, poll=10 * ctx.scale)
+    if not row.host_key:
+        limit = ctx.limit("ssh_timeout")
+        if ctx.waited(f"console:{row.instance_id}") < limit:
+            # the deadline is past the limit, so the step itself says why when the limit passes
+            raise Wait(f"console:{row.instance_id}", f"{row.name}'s host key in its console output",
+                       timeout=limit + 60 * ctx.scale, poll=10 * ctx.scale)
+        if not settings.SSH_TRUST_FIRST_CONTACT:
+            raise StepFailed(no_host_key(ctx, row, limit))
     try:
         result = ssh.run(target(ctx, row), "true", timeout=30)
     except AdapterError as exc:
@@ -401,8 +454,9 @@ def reachable(ctx: Context, row: Instance) -> None:
     if not row.host_key:
         Instance.objects.filter(pk=row.pk).update(host_key=result.host_key)
         row.host_key = result.host_key
-        ctx.log.write(ctx.key, f"{row.name}'s console showed no host key within {CONSOLE_GRACE * ctx.scale:g}s; "
-                      f"trusting {result.host_key.split()[0]} from the first contact", host=row.name, stream="stderr")
+        ctx.log.write(ctx.key, f"{row.name}'s console showed no host key within {ctx.limit('ssh_timeout'):g}s; "
+                      f"trusting {result.host_key.split()[0]} from the first contact (SSH_TRUST_FIRST_CONTACT is on)",
+                      host=row.name, stream="stderr")
 
 
 def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
@@ -414,6 +468,7 @@ def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
     default_timeout = float(ctx.env.get("command_timeout", LIMIT_DEFAULTS["command_timeout"]))
 
     def on_host(row: Instance) -> None:
+        kit = None
         try:
             values = {
                 "host": row.address,
@@ -422,14 +477,24 @@ def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
                 "ssh_user": ctx.env["ssh_user"],
                 "ssh_port": ctx.env["ssh_port"],
                 "ssh_key_file": ctx.env["ssh_key_file"],
+                "ssh_config": "",  # local tasks only (recipe.LOCAL_ONLY_PARAMS): filled in below
+                "known_hosts": "",
                 "revision": ctx.release.revision,
                 "repository": ctx.env["repository"],
                 "app_port": ctx.env["app_port"],
                 "environment": ctx.env["name"],
             }
-            for command in recipe.render(definition, phase, values, role=row.role):
+            commands = recipe.render(definition, phase, values, role=row.role)
+            if recipe.local_ssh_params(definition, phase):
+                kit = ssh_kit(ctx, row)
+                local_values = {**values, "ssh_key_file": kit.key_file, "ssh_config": kit.config, "known_hosts": kit.known_hosts}
+                commands = [command if command.run == "remote" else theirs
+                            for command, theirs in zip(commands, recipe.render(definition, phase, local_values, role=row.role))]
+            for command in commands:
                 run_command(ctx, row, command, command.timeout or default_timeout)
         finally:
+            if kit is not None:
+                kit.remove()
             connection.close()  # this thread's own database connection
 
     with ThreadPoolExecutor(max_workers=min(SSH_WORKERS, len(rows)) or 1) as pool:
@@ -437,6 +502,18 @@ def run_phase(ctx: Context, phase: str, rows: list[Instance]) -> None:
         errors = [f.exception() for f in futures if f.exception()]
     for error in errors:
         raise error
+
+
+def ssh_kit(ctx: Context, row: Instance) -> local.SSHKit:
+    """The files a local task reaches `row` with (deployer.local.SSHKit): its
+    pinned key only, so a local task never trusts a key the worker would not."""
+    if not row.host_key:
+        raise StepFailed(f"{row.name} has no pinned host key yet, so a local task could not check whom it talks to")
+    try:
+        return local.SSHKit(target=target(ctx, row), name=row.name, instance_id=row.instance_id,
+                            user=settings.LOCAL_TASK_USER)
+    except AdapterError as exc:
+        raise StepFailed(f"cannot prepare SSH for the local tasks on {row.name}: {exc}") from None
 
 
 def run_command(ctx: Context, row: Instance, command: recipe.Command, timeout: float) -> None:
@@ -553,7 +630,11 @@ def open_access(ctx: Context) -> dict:
 
 def smoke_direct(ctx: Context) -> dict:
     row = ctx.canary()
-    return {"url": ctx.url(row), "checks": smoke(ctx, [row])[row.name]}
+    checks = smoke(ctx, [row])[row.name]
+    url = ctx.direct_url(row)
+    if url != ctx.url(row):
+        ctx.info(f"checked at {ctx.url(row)}; people open it at {url}", host=row.name)
+    return {"url": url, "checks": checks}
 
 
 def close_access(ctx: Context) -> dict:
@@ -796,7 +877,9 @@ ACTIONS = {
 def verify_card(ctx: Context) -> dict:
     row = ctx.canary()
     smoke_step = ctx.release.steps.filter(key="smoke_direct").first()
-    return {"instance": row.instance_id, "name": row.name, "url": ctx.url(row), "checks": (smoke_step.result if smoke_step else {}).get("checks", [])}
+    result = smoke_step.result if smoke_step else {}
+    return {"instance": row.instance_id, "name": row.name, "url": result.get("url") or ctx.direct_url(row),
+            "checks": result.get("checks", [])}
 
 
 def swap_card(ctx: Context) -> dict:

@@ -10,6 +10,7 @@ urlpatterns = [
     path("environments/<slug:name>/", views.environment_detail, name="environment"),
     path("environments/<slug:name>/edit/", views.environment_edit, name="environment_edit"),
     path("environments/<slug:name>/preflight/", views.environment_preflight, name="environment_preflight"),
+    path("environments/<slug:name>/ssh-config.zip", views.environment_ssh_config, name="environment_ssh_config"),
     path("recipes/new/", views.recipe_edit, name="recipe_new"),
     path("recipes/<slug:name>/edit/", views.recipe_edit, name="recipe_edit"),
     path("recipes/<slug:name>/changes/<int:change_id>/<str:decision>/", views.recipe_change_decide, name="recipe_change_decide"),

@@ -112,6 +112,20 @@ def environment_preflight(request, name: str):
     })
 
 
+@deployer
+def environment_ssh_config(request, name: str):
+    """The environment's ssh config and known_hosts, zipped: for deployers (it maps the fleet, names no key)."""
+    environment = get_object_or_404(Environment, name=name)
+    try:
+        data = services.environment_ssh_config_export(environment=environment, actor=request.user, source_ip=client_ip(request))
+    except AdapterError as exc:
+        messages.warning(request, f"Could not list the instances: {exc}")
+        return redirect("environment", name=name)
+    response = HttpResponse(data, content_type="application/zip")
+    response["Content-Disposition"] = f'attachment; filename="greenlight-{environment.name}-ssh.zip"'
+    return response
+
+
 def _edit(request, model, form_class, name: str | None, title: str, done, extra: dict | None = None, **form_options):
     """Add or edit an environment or a recipe through its form; a service's
     refusal is shown as the form's error."""

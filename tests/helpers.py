@@ -53,6 +53,7 @@ class SandboxProcess:
         load_balancer: str | None = None,
         environments: list[str] | None = None,
         seed_count: int | None = None,
+        bastion: bool = False,
     ):
         """Options left at None are not passed: the command's defaults apply
         (the fast profile, one classic ELB, prepan with two instances)."""
@@ -64,6 +65,8 @@ class SandboxProcess:
                 self.options += [flag, str(value)]
         for name, seconds in (timing or {}).items():
             self.options += ["--timing", f"{name}={seconds}"]
+        if bastion:
+            self.options.append("--bastion")
         self.directory = directory
         self.file = directory / "sandbox.json"
         # a /16 of its own, away from a demo's 127.77.0.0/16 and other test runs
@@ -129,8 +132,16 @@ class SandboxProcess:
             port=info["ssh_port"],
             user=info["ssh_user"],
             private_key=Path(info["ssh_key_file"]).read_text(),
+            jump=self.jump(),
         )
         return ssh.Target(**{**fields, **overrides})
+
+    def jump(self) -> ssh.Target | None:
+        """The sandbox's bastion as a jump target, if it runs one."""
+        if not (bastion := self.info.get("bastion")):
+            return None
+        return ssh.Target(host=bastion["host"], port=bastion["port"], user=bastion["user"],
+                          private_key=Path(bastion["key_file"]).read_text(), host_key=bastion["host_key"])
 
     def launch(self, *, image_id: str | None = None, name: str = "test") -> dict:
         info = self.info

@@ -4,7 +4,10 @@ The provision tasks stand in for chef-solo: they turn a bare instance into an
 app server (directories, and a boot script that brings services back on
 start the way daemontools would) without deploying the app. Paths are
 relative because a sandbox instance's commands run in its own directory.
+`cookbook_recipe` is the same recipe provisioned from the worker's side.
 """
+
+from pathlib import Path
 
 # One service: a run script under etc/service/<name>/, started detached, its
 # pid kept so the next start replaces it. The boot script starts them all.
@@ -91,3 +94,33 @@ RECIPE = {
         ],
     },
 }
+
+
+# The same app server, provisioned from the operator's side the way
+# `knife solo prepare` and `knife solo cook` do: local tasks on the worker
+# copy a cookbook directory to the instance over SSH and run it there. They
+# reach the instance with the generated {ssh_config} (its pinned key, the
+# bastion if there is one), never trusting a key they were not given.
+COOKBOOK = Path(__file__).resolve().parent / "demo_cookbook"
+
+
+def cookbook_recipe(cookbook: Path = COOKBOOK) -> dict:
+    return {
+        **RECIPE,
+        "params": {**RECIPE["params"], "cookbook": str(cookbook)},
+        "tasks": {
+            **{name: task for name, task in RECIPE["tasks"].items() if not name.startswith("provision:")},
+            "provision:prepare": {
+                "run": "local",
+                "commands": ["ssh -F {ssh_config} {host} 'mkdir -p cookbook && command -v tar sh'"],
+            },
+            "provision:cook": {
+                "run": "local",
+                "timeout": 600,
+                "commands": [
+                    "tar -C {cookbook} -cf - . | ssh -F {ssh_config} {host} 'rm -rf cookbook && mkdir cookbook && tar -C cookbook -xf -'",
+                    "ssh -F {ssh_config} {host} 'sh cookbook/cook.sh'",
+                ],
+            },
+        },
+    }

@@ -79,6 +79,15 @@ class _SSHServer(asyncssh.SSHServer):
     def __init__(self, host: Host):
         self.host = host
 
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        # behind a bastion, SSH is open to the bastion's address only (a security
+        # group allowing port 22 from the bastion): anyone else is cut off at once
+        allowed = self.host.hosts.ssh_from
+        peer = (conn.get_extra_info("peername") or ("",))[0]
+        if allowed and peer != allowed:
+            log.info("%s refused SSH from %s: only the bastion %s may connect", self.host.id, peer, allowed)
+            conn.abort()
+
     def begin_auth(self, username: str) -> bool:
         return True
 
@@ -246,8 +255,9 @@ class Host:
 class Hosts:
     """Keeps the set of running SSH hosts in step with the moto server."""
 
-    def __init__(self, *, cloud: Cloud, directory: Path, network: str, ssh_port: int, ssh_user: str):
+    def __init__(self, *, cloud: Cloud, directory: Path, network: str, ssh_port: int, ssh_user: str, ssh_from: str = ""):
         self.cloud = cloud
+        self.ssh_from = ssh_from  # the only address SSH is open to (a bastion's); empty: any
         self.dir = directory
         self.network = ipaddress.ip_network(network)
         self.ssh_port = ssh_port

@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import aws
+from .. import aws, ssh
 from . import repository, seed
 from .balancer import Balancer, HealthSettings
+from .bastion import Bastion
 from .cloud import Cloud
-from .demo_recipe import RECIPE
+from .demo_recipe import RECIPE, cookbook_recipe
 from .hosts import Hosts, kill_marked
 from .timings import FAST, Timings
 
@@ -51,6 +52,13 @@ class Config:
     timings_profile: str = "fast"  # or "aws"
     timings: Timings = FAST
     time_scale: float = 1.0
+    bastion: bool = False  # the instances accept SSH only through a bastion of the sandbox's
+    bastion_user: str = "bastion"
+
+    @property
+    def bastion_address(self) -> str:
+        """The network's last address but one: never an environment's /24, which count from the first."""
+        return str(ipaddress.ip_network(self.network)[-2])
 
     @property
     def environment(self) -> str:
@@ -102,6 +110,8 @@ class Sandbox:
     def __init__(self, config: Config):
         self.config = config
         self.ready = asyncio.Event()
+        self.bastion: Bastion | None = None
+        self.jump = None  # what seeding reaches the instances through: the bastion, if there is one
 
     def _plan(self, index: int, repo_url: str) -> seed.Plan:
         config = self.config
@@ -124,6 +134,7 @@ class Sandbox:
             load_balancer=config.load_balancer,
             timings=config.timings,
             patience=config.patience(),
+            jump=self.jump,
         )
 
     def _balancer(self, index: int, account: aws.Account) -> Balancer:
@@ -182,7 +193,14 @@ class Sandbox:
             "access_key_id": CREDENTIALS["aws_access_key_id"],
             "secret_access_key": CREDENTIALS["aws_secret_access_key"],
         })
-        hosts = Hosts(cloud=cloud, directory=config.directory, network=config.network, ssh_port=config.ssh_port, ssh_user=config.ssh_user)
+        if config.bastion:
+            self.bastion = Bastion(directory=config.directory, address=config.bastion_address, port=config.ssh_port,
+                                   user=config.bastion_user, network=config.network)
+            await self.bastion.start()
+            self.jump = ssh.Target(host=self.bastion.address, port=self.bastion.port, user=self.bastion.user,
+                                   private_key=self.bastion.key_file.read_text(), host_key=self.bastion.host_key_text())
+        hosts = Hosts(cloud=cloud, directory=config.directory, network=config.network, ssh_port=config.ssh_port,
+                      ssh_user=config.ssh_user, ssh_from=self.bastion.address if self.bastion else "")
         hosts_task = asyncio.create_task(hosts.run(stop))
         balancers = [self._balancer(i, account) for i in range(len(config.environments))]
         for balancer in balancers:
@@ -231,6 +249,8 @@ class Sandbox:
             for balancer in balancers:
                 balancer.stop()
             await hosts.shutdown()
+            if self.bastion:
+                await self.bastion.stop()
             cloud.stop()
             log.info("sandbox stopped")
         return status
@@ -291,11 +311,14 @@ class Sandbox:
             "repository": repo_url,
             "revisions": list(repository.REVISIONS),
             "recipe": RECIPE,
+            # more recipes the demo offers for the same app: provisioned from the worker's side
+            "recipes": {"cookbook": cookbook_recipe()},
             "ssh_user": config.ssh_user,
             "ssh_port": config.ssh_port,
             "app_port": config.app_port,
             "health_path": config.health_path,
             "instance_type": config.instance_type,
+            **({"bastion": self.bastion.endpoints()} if self.bastion else {}),
         }
         entries = [self._environment_entry(shared, e, instances) for e in environments]
         data = {

@@ -52,6 +52,7 @@ class Plan:
     load_balancer: str = "classic"  # or "alb": an application load balancer and a target group
     timings: Timings = FAST  # the load balancer's settings come from here
     patience: float = 30  # seconds to wait for a new instance to boot and answer SSH
+    jump: ssh.Target | None = None  # the bastion the instances are reached through, if any
 
     @property
     def target_group_name(self) -> str:
@@ -139,6 +140,7 @@ def target_for(instance: dict, plan: Plan) -> ssh.Target:
         user=plan.ssh_user,
         private_key=plan.key_file.read_text(),
         host_key=host_key.read_text().strip() if host_key.exists() else "",
+        jump=plan.jump,
     )
 
 

@@ -46,6 +46,8 @@ class Command(BaseCommand):
                             help="comma-separated environments to seed, each behind its own load balancer")
         parser.add_argument("--seed-count", type=int, default=default("seed_count", defaults.seed_count), help="instances per environment")
         parser.add_argument("--no-seed", action="store_true", help="do not create the environments")
+        parser.add_argument("--bastion", action="store_true", default=os.environ.get("SANDBOX_BASTION", "") == "true",
+                            help="run a bastion host; the instances then accept SSH only through it (as ProxyJump)")
 
     def handle(self, *args, **options):
         logging.getLogger("sandbox").setLevel(logging.INFO)
@@ -84,6 +86,7 @@ class Command(BaseCommand):
             timings_profile=options["timings"],
             timings=table,
             time_scale=options["time_scale"],
+            bastion=options["bastion"],
         )
         if runner.run(config):
             raise CommandError("the sandbox stopped with an error (see above)")
