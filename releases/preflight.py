@@ -23,7 +23,8 @@ from django.conf import settings
 from deployer import aws, git, ssh
 from deployer.errors import AdapterError
 
-from . import engine, identity, plan
+from . import engine, identity, plan, steps
+from .steps import StepFailed
 from .models import Environment, Installation, Instance
 
 OK, WARNING, FAILED = "ok", "warning", "failed"
@@ -298,7 +299,12 @@ def check_ssh(cloud: aws.Cloud, env: dict, state: dict, **_) -> Check:
     pinned = (Instance.objects.filter(instance_id=current).exclude(host_key="").order_by("-created_at")
               .values_list("host_key", flat=True).first() or "")
     address, user, name = info.address(env["address"]), env["ssh_user"], info.name or current
-    target = ssh.Target(host=address, port=env["ssh_port"], user=user, private_key=state["private_key"], host_key=pinned)
+    try:
+        jump = steps.bastion(env)
+    except StepFailed as exc:
+        return Check("ssh", FAILED, f"not tried on {current}: {exc}")
+    target = ssh.Target(host=address, port=env["ssh_port"], user=user, private_key=state["private_key"], host_key=pinned,
+                        jump=jump)
     try:
         result = ssh.run(target, f"id -u -- {shlex.quote(user)}", timeout=SSH_TIMEOUT)
     except AdapterError as exc:

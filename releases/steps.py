@@ -370,9 +370,9 @@ def read_key(path: str, what: str = "SSH key file") -> str:
         raise StepFailed(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
-def bastion(ctx: Context) -> ssh.Target | None:
-    """The environment's bastion as a jump target, or None when the instances are reached directly."""
-    env = ctx.env
+def bastion(env: dict) -> ssh.Target | None:
+    """The (frozen) environment's bastion as a jump target, or None when the instances are reached directly."""
+    env = {**FROZEN_DEFAULTS, **env}
     if not env["bastion_host"]:
         return None
     key_file = env["bastion_key_file"] or env["ssh_key_file"]
@@ -382,7 +382,7 @@ def bastion(ctx: Context) -> ssh.Target | None:
 
 def target(ctx: Context, row: Instance) -> ssh.Target:
     return ssh.Target(host=row.address, port=ctx.env["ssh_port"], user=ctx.env["ssh_user"],
-                      private_key=read_key(ctx.env["ssh_key_file"]), host_key=row.host_key, jump=bastion(ctx))
+                      private_key=read_key(ctx.env["ssh_key_file"]), host_key=row.host_key, jump=bastion(ctx.env))
 
 
 def no_host_key(ctx: Context, row: Instance, limit: float) -> str:
@@ -413,7 +413,7 @@ def reachable(ctx: Context, row: Instance) -> None:
             Instance.objects.filter(pk=row.pk).update(host_key=preferred[0])
             row.host_key = preferred[0]
             ctx.info(f"pinned {row.name}'s host key from its console output", host=row.name)
-    jump = bastion(ctx)
+    jump = bastion(ctx.env)
     via = f" through the bastion {jump.host}:{jump.port}" if jump else ""
 
     def ssh_wait(why: str) -> Wait:

@@ -120,3 +120,23 @@ def test_a_release_runs_through_the_bastion_and_shows_the_direct_url_the_templat
     with pytest.raises(AdapterError):
         ssh.run(ssh.Target(host=canary.address, port=environment.ssh_port, user=environment.ssh_user,
                            private_key=open(environment.ssh_key_file).read(), host_key=canary.host_key), "true", timeout=10)
+
+
+
+@pytest.mark.django_db
+def test_preflight_reaches_the_fleet_through_the_bastion_and_refuses_an_impostor_bastion(bastion_sandbox):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from releases import preflight
+
+    environment = services.environment_import_sandbox(info=bastion_sandbox.info)
+
+    [check] = [c for c in preflight.run(environment) if c.name == "ssh"]
+    assert check.status in ("ok", "warning"), check  # warning: the seeded fleet's keys are not pinned yet
+
+    other = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    Environment.objects.filter(pk=environment.pk).update(bastion_host_key=other)
+    [check] = [c for c in preflight.run(Environment.objects.get(pk=environment.pk)) if c.name == "ssh"]
+    assert check.status == "failed" and "host key" in check.message, check
