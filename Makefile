@@ -7,6 +7,8 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/greenlight
 # A Redis database of their own, so a running demo worker never takes test tasks.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+# Test processes side by side, a whole file at a time (tests/parallel.py keeps them apart); 0: no extra processes.
+TEST_PROCESSES ?= 2
 
 .PHONY: demo test bench lint browser screenshots install install-dev sandbox clean
 
@@ -33,7 +35,7 @@ demo: install
 
 ## Run the test suite against PostgreSQL and Redis (after a quick lint)
 test: install-dev lint browser
-	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest $(PYTEST_ARGS)
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 ## Refresh the README's screenshots (the browser test, writing to docs/screenshots/)
 screenshots: install-dev browser
