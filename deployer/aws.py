@@ -32,6 +32,7 @@ TAG_INSTALLATION = "greenlight:installation"
 TAG_ENVIRONMENT = "greenlight:environment"
 TAG_SLOT = "greenlight:slot"
 TAG_REVISION = "greenlight:revision"
+TAG_DEREGISTERED_IMAGE = "greenlight:deregistered-image"  # on a snapshot whose image the clean-up deregisters
 SANDBOX_CREDENTIALS = ("sandbox", "sandbox")
 
 
@@ -166,6 +167,7 @@ class InstanceInfo:
     public_dns: str
     name: str
     tags: dict
+    image_id: str = ""
 
     def address(self, kind: str) -> str:
         return self.public_dns if kind == "public" and self.public_dns else self.private_ip
@@ -180,6 +182,7 @@ def _instance_info(raw: dict) -> InstanceInfo:
         public_dns=raw.get("PublicDnsName", ""),
         name=tags.get("Name", ""),
         tags=tags,
+        image_id=raw.get("ImageId", ""),
     )
 
 
@@ -342,12 +345,15 @@ class Cloud:
 
     # -- instances -------------------------------------------------------------
 
-    def instances(self, *, ids: Iterable[str] = (), tags: dict | None = None, states: Iterable[str] = ()) -> list[InstanceInfo]:
+    def instances(self, *, ids: Iterable[str] = (), tags: dict | None = None, states: Iterable[str] = (),
+                  image_ids: Iterable[str] = ()) -> list[InstanceInfo]:
         """What EC2 reports now. An id it does not know (yet) is left out rather
         than failing the call: ids go in as a filter, never as InstanceIds."""
         filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in (tags or {}).items()]
         if states:
             filters.append({"Name": "instance-state-name", "Values": list(states)})
+        if image_ids := sorted(set(image_ids)):
+            filters.append({"Name": "image-id", "Values": image_ids})
         ids = sorted(set(ids))
         if ids:
             filters.append({"Name": "instance-id", "Values": ids})
@@ -442,6 +448,22 @@ class Cloud:
         images = self._pages("describe images", self.ec2, "describe_images", "Images", Owners=["self"],
                              Filters=[{"Name": "name", "Values": [name]}])
         return images[0] if images else None
+
+    def images(self, *, tags: dict, tag_keys: Iterable[str] = ()) -> list[dict]:
+        """This account's own images with these tags (and tag keys), as DescribeImages shows them."""
+        filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in tags.items()]
+        filters += [{"Name": "tag-key", "Values": [key]} for key in tag_keys]
+        return self._pages("describe images", self.ec2, "describe_images", "Images", Owners=["self"], Filters=filters)
+
+    def snapshots_tagged(self, key: str) -> list[dict]:
+        """This account's own snapshots that carry the tag `key`."""
+        return self._pages("describe snapshots", self.ec2, "describe_snapshots", "Snapshots", OwnerIds=["self"],
+                           Filters=[{"Name": "tag-key", "Values": [key]}])
+
+    def tag(self, resource_ids: Iterable[str], tags: dict) -> None:
+        if resource_ids := list(resource_ids):
+            self._mutate("CreateTags", ",".join(resource_ids), self.ec2.create_tags, Resources=resource_ids,
+                         Tags=_tags(tags))
 
     def create_image(self, instance_id: str, name: str, tags: dict) -> str:
         """An AMI of the instance, found by name if an earlier try made it."""

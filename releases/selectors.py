@@ -10,8 +10,9 @@ from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
 from deployer import aws
+from deployer.errors import AdapterError
 
-from . import audit, engine, plan, transitions
+from . import audit, cleanup, engine, plan, transitions
 from .logs import line_dict
 from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, StatusChange, Step
 
@@ -211,6 +212,18 @@ def environment_instances(environment: Environment, *, registered_only: bool = F
     if registered_only:
         rows = [r for r in rows if r["id"] in health]
     return sorted(rows, key=lambda r: (len(r["name"]), r["name"]))
+
+
+def cleanup_schedule(environment: Environment) -> dict:
+    """What the clean-up deletes next, for the environment page: its baked
+    images (kept, or deleted at the next clean-up, and why), and the
+    instances the sweep terminates, with when."""
+    try:
+        images, error = cleanup.image_schedule(environment), ""
+    except AdapterError as exc:
+        images, error = [], str(exc)
+    return {"images": images, "images_error": error, "instances": cleanup.instance_schedule(environment),
+            "deleting": sum(1 for i in images if i.delete)}
 
 
 def _launched_by(instances: list[aws.InstanceInfo]) -> dict[str, dict]:

@@ -6,7 +6,7 @@ import logging
 from celery import shared_task
 from kombu.exceptions import OperationalError
 
-from . import engine
+from . import cleanup, engine
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +58,9 @@ def sweep() -> dict:
     for release_id in result["nudge"]:
         nudge(release_id)
     return {**result, "nudge": len(result["nudge"])}
+
+
+@shared_task
+def clean_up() -> dict:
+    """Baked images beyond each environment's last N, deleted with their snapshots."""
+    return cleanup.clean_up()
