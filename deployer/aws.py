@@ -327,11 +327,11 @@ class Cloud:
         self.on_mutation(action, resource, response.get("ResponseMetadata", {}).get("RequestId", ""))
         return response
 
-    def _read(self, doing: str, call, *args, **kwargs) -> dict:
+    def _read(self, doing: str, call, *args, names: dict | None = None, **kwargs) -> dict:
         try:
             return call(*args, **kwargs)
         except (ClientError, BotoCoreError, ResponseParserError) as exc:
-            raise _error(exc, doing, self._names) from None
+            raise _error(exc, doing, {**self._names, **(names or {})}) from None
 
     @property
     def _names(self) -> dict[str, str]:
@@ -402,7 +402,8 @@ class Cloud:
     def _root_device(self, image_id: str) -> tuple[str, str]:
         """The device name of an image's root volume, which a mapping must name
         to change it, and the snapshot the image makes it from."""
-        images = self._read(f"describe image {image_id}", self.ec2.describe_images, ImageIds=[image_id])["Images"]
+        images = self._read(f"describe image {image_id}", self.ec2.describe_images, ImageIds=[image_id],
+                            names={"image": image_id})["Images"]
         if not images or not images[0].get("RootDeviceName"):
             raise AdapterError(f"the image {image_id} names no root device, so its root volume cannot be changed")
         device = images[0]["RootDeviceName"]
