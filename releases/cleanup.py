@@ -192,12 +192,17 @@ def rolled_back_instances(release: Release) -> list[str]:
     return sorted(set(Instance.objects.filter(release=release, role__in=NEW).values_list("instance_id", flat=True)))
 
 
-# what the sweep terminates after a release's retention: (statuses, instances, the state key that says done, why)
+# What the sweep terminates after a release's retention: (the releases, their instances, the
+# state key that says done, why). A rolled-back release that launched nothing is never looked at.
 RETIRED = (
-    ((Release.Status.SUCCEEDED,), retired_instances, "old_terminated", "replaced by release #{pk}"),
-    ((Release.Status.ROLLED_BACK, Release.Status.CANCELLED), rolled_back_instances, "new_terminated",
-     "stopped by the rollback of release #{pk}"),
+    (Q(status=Release.Status.SUCCEEDED), retired_instances, "old_terminated", "replaced by release #{pk}"),
+    (Q(status__in=(Release.Status.ROLLED_BACK, Release.Status.CANCELLED), instances__role__in=NEW),
+     rolled_back_instances, "new_terminated", "stopped by the rollback of release #{pk}"),
 )
+
+
+def releases_to_retire(which: Q, done: str, **more):
+    return Release.objects.filter(which, finished_at__isnull=False, **more).exclude(state__has_key=done).distinct()
 
 
 def due_at(release: Release) -> datetime:
@@ -207,10 +212,8 @@ def due_at(release: Release) -> datetime:
 def instance_schedule(environment: Environment) -> list[InstanceFate]:
     """Instances of the environment that the sweep will terminate, and when."""
     fates = []
-    for statuses, instances_of, done, why in RETIRED:
-        releases = Release.objects.filter(environment=environment, status__in=statuses, finished_at__isnull=False).exclude(
-            state__has_key=done)
-        for release in releases:
+    for which, instances_of, done, why in RETIRED:
+        for release in releases_to_retire(which, done, environment=environment):
             names = dict(Instance.objects.filter(release=release).values_list("instance_id", "name"))
             fates += [InstanceFate(i, names.get(i, ""), release.pk, due_at(release), why.format(pk=release.pk))
                       for i in instances_of(release)]
@@ -224,8 +227,8 @@ def terminate_retired(now: datetime | None = None) -> int:
 
     now = now or timezone.now()
     done_count = 0
-    for statuses, instances_of, done, _ in RETIRED:
-        for release in Release.objects.filter(status__in=statuses, finished_at__isnull=False).exclude(state__has_key=done):
+    for which, instances_of, done, _ in RETIRED:
+        for release in releases_to_retire(which, done):
             if due_at(release) >= now:
                 continue
             ids = instances_of(release)
@@ -233,7 +236,7 @@ def terminate_retired(now: datetime | None = None) -> int:
                 continue
             # marked first, on the condition that the release is still where it was: a rollback
             # asked for a moment ago (services refuse one once the mark is set) wins, or loses, whole
-            marked = Release.objects.filter(pk=release.pk, status__in=statuses).exclude(state__has_key=done)
+            marked = Release.objects.filter(pk=release.pk, status=release.status).exclude(state__has_key=done)
             if not marked.update(state={**release.state, done: True}):
                 continue
             try:

@@ -222,8 +222,7 @@ def cleanup_schedule(environment: Environment) -> dict:
         images, error = cleanup.image_schedule(environment), ""
     except AdapterError as exc:
         images, error = [], str(exc)
-    return {"images": images, "images_error": error, "instances": cleanup.instance_schedule(environment),
-            "deleting": sum(1 for i in images if i.delete)}
+    return {"images": images, "images_error": error, "instances": cleanup.instance_schedule(environment)}
 
 
 def _launched_by(instances: list[aws.InstanceInfo]) -> dict[str, dict]:

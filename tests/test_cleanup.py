@@ -162,3 +162,29 @@ def test_instances_a_rollback_stopped_are_terminated_after_the_retention(prepan,
     assert cleanup.instance_schedule(prepan) == []
     assert "No instance is waiting to be terminated." in page(prepan)
     assert engine.sweep()["terminated"] == 0  # done once
+
+
+def test_the_old_fleet_of_a_succeeded_release_is_shown_then_terminated_after_the_retention(prepan, cleanup_sandbox):
+    old = cleanup_sandbox.launch(name="retired-1")["InstanceId"]
+    cloud(prepan).stop([old])
+    frozen = plan.freeze(prepan, strategy="bake", revision="v2", fleet_size=1)
+    frozen["environment"]["retention"] = 60
+    ended = timezone.now() - timedelta(seconds=30)
+    release = Release.objects.create(environment=prepan, revision="v2", fleet_size=1, plan=frozen, status="succeeded",
+                                     requested_by=person("dana", "deployer"), finished_at=ended)
+    release.instances.create(instance_id=old, name="retired-1", role="old")
+
+    [fate] = cleanup.instance_schedule(prepan)
+    assert (fate.id, fate.at, fate.why) == (old, ended + timedelta(seconds=60), f"replaced by release #{release.pk}")
+    assert engine.sweep()["terminated"] == 0  # not yet: 30 of its 60 s
+    assert cloud(prepan).instances(ids=[old])[0].state == "stopped"
+
+    Release.objects.filter(pk=release.pk).update(finished_at=timezone.now() - timedelta(seconds=61))
+    assert engine.sweep()["terminated"] == 1
+
+    assert cloud(prepan).instances(ids=[old])[0].state in ("shutting-down", "terminated")
+    assert Release.objects.get(pk=release.pk).state == {"old_terminated": True}
+    assert AuditEvent.objects.filter(release=release, action="aws:TerminateInstances", target=old).exists()
+    assert cleanup.instance_schedule(prepan) == []
+    response = api(person("ravi", "deployer")).post(f"/api/releases/{release.pk}/rollback")
+    assert response.status_code == 409 and "terminated" in response.json()["error"]
