@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import boto3
 from botocore.config import Config
@@ -32,6 +32,7 @@ TAG_INSTALLATION = "greenlight:installation"
 TAG_ENVIRONMENT = "greenlight:environment"
 TAG_SLOT = "greenlight:slot"
 TAG_REVISION = "greenlight:revision"
+TAG_DEREGISTERED_IMAGE = "greenlight:deregistered-image"  # on a snapshot whose image the clean-up deregisters
 SANDBOX_CREDENTIALS = ("sandbox", "sandbox")
 
 
@@ -159,6 +160,7 @@ MISSING = {
     "InvalidGroup.NotFound": "security group", "InvalidGroupId.Malformed": "security group",
     "InvalidKeyPair.NotFound": "key pair", "InvalidSubnetID.NotFound": "subnet",
     "LoadBalancerNotFound": "load balancer", "TargetGroupNotFound": "target group",
+    "NoSuchEntity": "instance profile",
 }
 
 
@@ -190,6 +192,7 @@ class InstanceInfo:
     name: str
     tags: dict
     public_ip: str = ""
+    image_id: str = ""
 
     def address(self, kind: str) -> str:
         return self.public_dns if kind == "public" and self.public_dns else self.private_ip
@@ -205,11 +208,76 @@ def _instance_info(raw: dict) -> InstanceInfo:
         name=tags.get("Name", ""),
         tags=tags,
         public_ip=raw.get("PublicIpAddress", ""),
+        image_id=raw.get("ImageId", ""),
     )
 
 
 def _tags(tags: dict) -> list[dict]:
     return [{"Key": key, "Value": value} for key, value in tags.items()]
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What RunInstances gets beside the image, type, key, network and tags.
+    The defaults ask for nothing: AWS's, the image's and the subnet's own."""
+
+    instance_profile: str = ""  # a name, or an ARN (arn:aws:iam::...:instance-profile/NAME)
+    user_data: str = ""
+    root_volume_size: int | None = None  # GiB
+    root_volume_type: str = ""  # "": the image's own
+    root_volume_encrypted: bool = False  # False: as the image (or the account's default) says
+    require_imdsv2: bool = False
+    public_ip: str = "subnet"  # "subnet": as the subnet says; "yes" or "no"
+    extra_tags: dict = field(default_factory=dict)
+
+    def root_volume(self) -> dict:
+        """The root volume's mapping (its Ebs part), only what is set; {} to leave it as the image has it."""
+        ebs: dict = {}
+        if self.root_volume_size:
+            ebs["VolumeSize"] = self.root_volume_size
+        if self.root_volume_type:
+            ebs["VolumeType"] = self.root_volume_type
+        if self.root_volume_encrypted:
+            ebs["Encrypted"] = True
+        if ebs:
+            ebs["DeleteOnTermination"] = True  # a root volume never outlives its instance
+        return ebs
+
+
+def run_instances_request(*, tags: dict, identity: dict, image_id: str, instance_type: str, key_name: str,
+                          subnet_id: str, security_group_ids: list[str], client_token: str, options: LaunchOptions,
+                          root_device: str = "", root_snapshot: str = "") -> dict:
+    """RunInstances' parameters. With the default options, exactly those of a
+    launch before the options existed (a release frozen then launches as it did)."""
+    request = {
+        "ImageId": image_id,
+        "InstanceType": instance_type,
+        "KeyName": key_name,
+        "MinCount": 1,
+        "MaxCount": 1,
+        "ClientToken": client_token,
+        # Greenlight's own tags and Name win over an extra tag of the same key
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": _tags({**options.extra_tags, **tags, **identity})}],
+    }
+    if options.public_ip in ("yes", "no"):
+        # a public address is asked of the primary network interface, which then carries the subnet and groups
+        request["NetworkInterfaces"] = [{"DeviceIndex": 0, "SubnetId": subnet_id, "Groups": security_group_ids,
+                                         "AssociatePublicIpAddress": options.public_ip == "yes",
+                                         "DeleteOnTermination": True}]
+    else:
+        request["SubnetId"] = subnet_id
+        request["SecurityGroupIds"] = security_group_ids
+    if profile := options.instance_profile:
+        request["IamInstanceProfile"] = {"Arn": profile} if profile.startswith("arn:") else {"Name": profile}
+    if options.user_data:
+        request["UserData"] = options.user_data  # boto3 base64-encodes it
+    if ebs := options.root_volume():
+        # the image's own snapshot, named again: AWS assumes it, moto needs it said
+        snapshot = {"SnapshotId": root_snapshot} if root_snapshot else {}
+        request["BlockDeviceMappings"] = [{"DeviceName": root_device, "Ebs": {**snapshot, **ebs}}]
+    if options.require_imdsv2:
+        request["MetadataOptions"] = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
+    return request
 
 
 Mutation = Callable[[str, str, str], None]  # (action, resource, request id)
@@ -285,11 +353,11 @@ class Cloud:
         self.on_mutation(action, resource, response.get("ResponseMetadata", {}).get("RequestId", ""))
         return response
 
-    def _read(self, doing: str, call, *args, **kwargs) -> dict:
+    def _read(self, doing: str, call, *args, names: dict | None = None, **kwargs) -> dict:
         try:
             return call(*args, **kwargs)
         except (ClientError, BotoCoreError, ResponseParserError) as exc:
-            raise _error(exc, doing, self._names) from None
+            raise _error(exc, doing, {**self._names, **(names or {})}) from None
 
     @property
     def _names(self) -> dict[str, str]:
@@ -303,12 +371,15 @@ class Cloud:
 
     # -- instances -------------------------------------------------------------
 
-    def instances(self, *, ids: Iterable[str] = (), tags: dict | None = None, states: Iterable[str] = ()) -> list[InstanceInfo]:
+    def instances(self, *, ids: Iterable[str] = (), tags: dict | None = None, states: Iterable[str] = (),
+                  image_ids: Iterable[str] = ()) -> list[InstanceInfo]:
         """What EC2 reports now. An id it does not know (yet) is left out rather
         than failing the call: ids go in as a filter, never as InstanceIds."""
         filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in (tags or {}).items()]
         if states:
             filters.append({"Name": "instance-state-name", "Values": list(states)})
+        if image_ids := sorted(set(image_ids)):
+            filters.append({"Name": "image-id", "Values": image_ids})
         ids = sorted(set(ids))
         if ids:
             filters.append({"Name": "instance-id", "Values": ids})
@@ -327,6 +398,7 @@ class Cloud:
         subnet_id: str,
         security_group_ids: list[str],
         client_token: str,
+        options: LaunchOptions | None = None,
     ) -> tuple[InstanceInfo, bool]:
         """One instance, and whether this call launched it: False when it was
         found by its `identity` tags, made by an earlier try.
@@ -338,24 +410,31 @@ class Cloud:
         found = self.instances(tags=identity, states=live)
         if found:
             return found[0], False
-        all_tags = {**tags, **identity}
+        options = options or LaunchOptions()
+        root_device, root_snapshot = self._root_device(image_id) if options.root_volume() else ("", "")
         response = self._mutate(
             "RunInstances",
             image_id,
             self.ec2.run_instances,
-            ImageId=image_id,
-            InstanceType=instance_type,
-            KeyName=key_name,
-            SubnetId=subnet_id,
-            SecurityGroupIds=security_group_ids,
-            MinCount=1,
-            MaxCount=1,
-            ClientToken=client_token,
-            TagSpecifications=[{"ResourceType": "instance", "Tags": _tags(all_tags)}],
+            **run_instances_request(
+                tags=tags, identity=identity, image_id=image_id, instance_type=instance_type, key_name=key_name,
+                subnet_id=subnet_id, security_group_ids=security_group_ids, client_token=client_token, options=options,
+                root_device=root_device, root_snapshot=root_snapshot),
             names={"image": image_id, "security group": ", ".join(security_group_ids), "key pair": key_name,
-                   "subnet": subnet_id},
+                   "subnet": subnet_id, "instance profile": options.instance_profile},
         )
         return _instance_info(response["Instances"][0]), True
+
+    def _root_device(self, image_id: str) -> tuple[str, str]:
+        """The device name of an image's root volume, which a mapping must name
+        to change it, and the snapshot the image makes it from."""
+        images = self._read(f"describe image {image_id}", self.ec2.describe_images, ImageIds=[image_id],
+                            names={"image": image_id})["Images"]
+        if not images or not images[0].get("RootDeviceName"):
+            raise AdapterError(f"the image {image_id} names no root device, so its root volume cannot be changed")
+        device = images[0]["RootDeviceName"]
+        mapping = next((m for m in images[0].get("BlockDeviceMappings", []) if m.get("DeviceName") == device), {})
+        return device, mapping.get("Ebs", {}).get("SnapshotId", "")
 
     def start(self, ids: Iterable[str]) -> None:
         if ids := list(ids):
@@ -396,6 +475,22 @@ class Cloud:
         images = self._pages("describe images", self.ec2, "describe_images", "Images", Owners=["self"],
                              Filters=[{"Name": "name", "Values": [name]}])
         return images[0] if images else None
+
+    def images(self, *, tags: dict, tag_keys: Iterable[str] = ()) -> list[dict]:
+        """This account's own images with these tags (and tag keys), as DescribeImages shows them."""
+        filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in tags.items()]
+        filters += [{"Name": "tag-key", "Values": [key]} for key in tag_keys]
+        return self._pages("describe images", self.ec2, "describe_images", "Images", Owners=["self"], Filters=filters)
+
+    def snapshots_tagged(self, key: str) -> list[dict]:
+        """This account's own snapshots that carry the tag `key`."""
+        return self._pages("describe snapshots", self.ec2, "describe_snapshots", "Snapshots", OwnerIds=["self"],
+                           Filters=[{"Name": "tag-key", "Values": [key]}])
+
+    def tag(self, resource_ids: Iterable[str], tags: dict) -> None:
+        if resource_ids := list(resource_ids):
+            self._mutate("CreateTags", ",".join(resource_ids), self.ec2.create_tags, Resources=resource_ids,
+                         Tags=_tags(tags))
 
     def create_image(self, instance_id: str, name: str, tags: dict) -> str:
         """An AMI of the instance, found by name if an earlier try made it."""

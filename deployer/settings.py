@@ -168,10 +168,14 @@ CELERY_TASK_IGNORE_RESULT = True
 # stops before it touches AWS or a host again.
 LEASE_SECONDS = env.float("LEASE_SECONDS", default=30.0)
 SWEEP_SECONDS = env.float("SWEEP_SECONDS", default=10.0)
+# How often old baked images are deleted: it lists every environment's images in AWS
+CLEANUP_SECONDS = env.float("CLEANUP_SECONDS", default=600.0)
 if not LEASE_SECONDS >= 1:
     raise ImproperlyConfigured(f"LEASE_SECONDS is {LEASE_SECONDS:g}: a step's lease needs at least 1 second")
 if not SWEEP_SECONDS > 0:
     raise ImproperlyConfigured(f"SWEEP_SECONDS is {SWEEP_SECONDS:g}: the sweep needs a period above 0 seconds")
+if not CLEANUP_SECONDS > 0:
+    raise ImproperlyConfigured(f"CLEANUP_SECONDS is {CLEANUP_SECONDS:g}: the clean-up needs a period above 0 seconds")
 # A worker must outlive a Redis restart. With kombu's ack emulation, a worker
 # that loses Redis while it holds an unacknowledged message (a task at work, or
 # a countdown waiting in memory) crashes restoring it: "Unrecoverable error:
@@ -189,6 +193,8 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_BEAT_SCHEDULE = {
     # re-queue steps whose worker died, expire gates, terminate retired instances
     "sweep": {"task": "releases.tasks.sweep", "schedule": SWEEP_SECONDS},
+    # delete baked images beyond each environment's last N (releases/cleanup.py)
+    "clean-up": {"task": "releases.tasks.clean_up", "schedule": CLEANUP_SECONDS},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 

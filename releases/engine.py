@@ -39,9 +39,9 @@ from django.utils import timezone
 from deployer import aws
 from deployer.errors import AdapterError
 
-from . import audit, broadcast, plan, steps, transitions
+from . import audit, broadcast, cleanup, plan, steps, transitions
 from .logs import LogWriter
-from .models import Environment, Instance, Release, Step
+from .models import Environment, Release, Step
 
 log = logging.getLogger(__name__)
 S, R, K = Step.Status, Release.Status, Step.Kind
@@ -455,11 +455,13 @@ def end_rollback(release: Release) -> None:
 
 def sweep() -> dict:
     """Hand steps whose worker died back; reject gates past their deadline;
-    find waits that are due; terminate old instances past their retention.
+    find waits that are due; terminate what releases left stopped (the old
+    fleet of a succeeded one, the new one of a rolled-back one) past their
+    retention (releases/cleanup.py).
     Returns what it did and `nudge`: the releases to advance now."""
     now = timezone.now()
     nudge: set[int] = set()
-    requeued = expired = terminated = 0
+    requeued = expired = 0
     for step in Step.objects.filter(status=S.RUNNING, lease_expires_at__lt=now).exclude(lease_owner=""):
         # the worker's own id names the machine and process that went quiet (it died, was
         # cut off, or lost the database for longer than it tries to hand the step back)
@@ -477,20 +479,5 @@ def sweep() -> dict:
     nudge.update(Step.objects.filter(status=S.RUNNING, lease_owner="", wake_at__lte=now).values_list("release_id", flat=True))
     nudge.update(Release.objects.filter(status__in=(R.QUEUED, R.RUNNING, R.ROLLING_BACK)).exclude(
         steps__status=S.RUNNING).values_list("pk", flat=True))
-    for release in Release.objects.filter(status=R.SUCCEEDED, finished_at__isnull=False):
-        retention = timedelta(seconds=release.plan["environment"]["retention"])
-        if release.finished_at + retention >= now or release.state.get("old_terminated"):
-            continue
-        old = [*Instance.objects.filter(release=release, role=Instance.Role.OLD).values_list("instance_id", flat=True),
-               *release.state.get("old", [])]  # releases from before instance rows held the old fleet
-        if not old:
-            continue
-        try:
-            release_cloud(release).terminate(sorted(set(old)))
-        except AdapterError as exc:
-            log.warning("cannot terminate the old instances of release %s: %s", release.pk, exc)
-            continue
-        release.state["old_terminated"] = True
-        Release.objects.filter(pk=release.pk).update(state=release.state)
-        terminated += 1
+    terminated = cleanup.terminate_retired(now)
     return {"requeued": requeued, "expired": expired, "terminated": terminated, "nudge": sorted(nudge)}

@@ -6,6 +6,7 @@ through `save()` on a loaded row, so two workers can never both win.
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from django.conf import settings
@@ -68,6 +69,11 @@ def validate_repository(value: str) -> None:
 
 
 USER_DATA_LIMIT = 16 * 1024  # bytes: RunInstances refuses more (before base64)
+# What RunInstances takes (AWS's limits): an instance profile by name or ARN, and root volume sizes by type
+INSTANCE_PROFILE_NAME = re.compile(r"[\w+=,.@-]{1,128}", re.ASCII)
+INSTANCE_PROFILE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:instance-profile/(?:[\w+=,.@-]+/)*[\w+=,.@-]{1,128}",
+                                  re.ASCII)
+VOLUME_SIZES = {"st1": (125, 16384), "sc1": (125, 16384), "standard": (1, 1024)}
 URL_FIELDS = ("private_ip", "public_ip", "public_dns", "address", "port", "name")
 
 
@@ -92,6 +98,19 @@ def launch_setting_errors(environment) -> dict[str, str]:
         errors["extra_subnet_ids"] = "each subnet once, and not the first subnet again"
     if environment.root_volume_size is not None and not 1 <= environment.root_volume_size <= 16384:
         errors["root_volume_size"] = "from 1 to 16384 GiB"
+    elif environment.root_volume_size is not None and (bounds := VOLUME_SIZES.get(environment.root_volume_type)) and \
+            not bounds[0] <= environment.root_volume_size <= bounds[1]:
+        errors["root_volume_size"] = f"a {environment.root_volume_type} volume is from {bounds[0]} to {bounds[1]} GiB"
+    if environment.root_volume_type in ("io1", "io2"):
+        errors["root_volume_type"] = ("io1 and io2 volumes need provisioned IOPS, which Greenlight does not set: "
+                                      "choose another type, or keep the image's own")
+    if profile := environment.instance_profile:
+        if profile.startswith("arn:"):
+            if not INSTANCE_PROFILE_ARN.fullmatch(profile):
+                errors["instance_profile"] = "an ARN as arn:aws:iam::123456789012:instance-profile/NAME"
+        elif not INSTANCE_PROFILE_NAME.fullmatch(profile):
+            errors["instance_profile"] = ("a name of 1 to 128 letters, digits and +=,.@_- "
+                                          "(or the profile's ARN, arn:aws:iam::...:instance-profile/NAME)")
     if environment.bastion_host:
         if not environment.bastion_host_key.strip():
             errors["bastion_host_key"] = "a bastion's host key must be pinned: ssh-keyscan it, and check it, once"

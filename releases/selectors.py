@@ -10,8 +10,9 @@ from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
 from deployer import aws, ssh
+from deployer.errors import AdapterError
 
-from . import audit, engine, plan, transitions
+from . import audit, cleanup, engine, plan, transitions
 from .logs import line_dict
 from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, StatusChange, Step
 
@@ -247,6 +248,17 @@ def environment_ssh_config(environment: Environment, *, known_hosts: str) -> tup
         heading=f"Greenlight: the instances of {environment.name}, written {timezone.now():%Y-%m-%d %H:%M} UTC.\n"
                 f"Use: ssh -F <this file> {hosts[0].name if hosts and hosts[0].name else 'NAME'}\n"
                 "IdentityFile is the key's path on Greenlight's workers; the key itself is not in here.")
+
+
+def cleanup_schedule(environment: Environment) -> dict:
+    """What the clean-up deletes next, for the environment page: its baked
+    images (kept, or deleted at the next clean-up, and why), and the
+    instances the sweep terminates, with when."""
+    try:
+        images, error = cleanup.image_schedule(environment), ""
+    except AdapterError as exc:
+        images, error = [], str(exc)
+    return {"images": images, "images_error": error, "instances": cleanup.instance_schedule(environment)}
 
 
 def _launched_by(instances: list[aws.InstanceInfo]) -> dict[str, dict]:

@@ -342,22 +342,42 @@ def next_names(ctx: Context, count: int) -> list[str]:
     return [f"{prefix}{start + i}" for i in range(count)]
 
 
+def subnet_for(env: dict, slot: str) -> str:
+    """The canary goes in the environment's subnet; clone N in the Nth of
+    [subnet, *extra subnets], round the list, as a fleet spreads over
+    availability zones. By the slot, so a launch tried again goes where its
+    first try went."""
+    subnets = [env["subnet_id"], *env["extra_subnet_ids"]]
+    number = int(slot.rpartition("-")[2]) if slot.startswith("clone-") else 0
+    return subnets[number % len(subnets)]
+
+
+def launch_options(env: dict) -> aws.LaunchOptions:
+    """The frozen environment's launch settings, as RunInstances gets them."""
+    return aws.LaunchOptions(
+        instance_profile=env["instance_profile"], user_data=env["user_data"], root_volume_size=env["root_volume_size"],
+        root_volume_type=env["root_volume_type"], root_volume_encrypted=env["root_volume_encrypted"],
+        require_imdsv2=env["require_imdsv2"], public_ip=env["public_ip"], extra_tags=dict(env["extra_tags"]))
+
+
 def launch_one(ctx: Context, *, slot: str, name: str, image: str, role: str) -> Instance:
     if row := Instance.objects.filter(release=ctx.release, slot=slot).first():
         return row
     identity = ctx.identity
+    subnet = subnet_for(ctx.env, slot)
     info, launched = ctx.cloud.launch(
         tags={"Name": name, **identity.tags(), aws.TAG_REVISION: ctx.release.revision},
         identity=identity.instance(slot),
         image_id=image,
         instance_type=ctx.env["instance_type"],
         key_name=ctx.env["key_name"],
-        subnet_id=ctx.env["subnet_id"],
+        subnet_id=subnet,
         security_group_ids=[*ctx.env["security_group_ids"], ctx.env["verify_security_group_id"]],
         client_token=identity.client_token(slot),
+        options=launch_options(ctx.env),
     )
     if launched:
-        ctx.info(f"launched {name} as {info.id} from {image}")
+        ctx.info(f"launched {name} as {info.id} from {image}{f' in {subnet}' if ctx.env['extra_subnet_ids'] else ''}")
     else:  # an earlier run of this step made it, and crashed before recording it
         ctx.info(f"adopted {info.name or name} ({info.id}), which an earlier run of {ctx.key} launched")
     return ctx.record(info, role, slot)

@@ -10,7 +10,7 @@ from celery import shared_task
 from django.conf import settings
 from kombu.exceptions import OperationalError
 
-from . import engine, preflight
+from . import cleanup, engine, preflight
 from .models import Environment
 
 log = logging.getLogger(__name__)
@@ -105,3 +105,9 @@ def preflight_on_worker(environment: Environment, *, revision: str = "", strateg
     if answer is None:
         return [preflight.Check("workers", preflight.FAILED, f"no worker answered within {timeout:g}s", fix).as_dict()]
     return json.loads(answer[1])
+
+
+@shared_task
+def clean_up() -> dict:
+    """Baked images beyond each environment's last N, deleted with their snapshots."""
+    return cleanup.clean_up()

@@ -91,6 +91,7 @@ def environment_detail(request, name: str):
         instances, error = [], str(exc)
     return render(request, "releases/environment.html", {
         "environment": environment, "instances": instances, "aws_error": error,
+        "cleanup": selectors.cleanup_schedule(environment),
         "can_deploy": permissions.can_deploy(request.user), "can_configure": permissions.can_configure(request.user),
     })
 

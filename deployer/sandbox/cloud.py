@@ -275,6 +275,14 @@ class Cloud:
                 ami = backend.amis.get(image_id)
                 if ami is not None and ami.state != "available":
                     raise EC2ClientError("InvalidAMIID.Unavailable", f"The image id '[{image_id}]' is not available")
+                for mapping in kwargs.get("block_device_mappings") or []:  # moto makes a volume of any size
+                    ebs = mapping.get("Ebs") or {}
+                    snapshot = backend.snapshots.get(ebs.get("SnapshotId") or "")
+                    if snapshot is not None and ebs.get("VolumeSize") and int(ebs["VolumeSize"]) < snapshot.volume.size:
+                        raise EC2ClientError(
+                            "InvalidBlockDeviceMapping",
+                            f"Volume of size {ebs['VolumeSize']}GB is smaller than snapshot '{snapshot.id}', "
+                            f"expect size >= {snapshot.volume.size}GB")
                 reservation = original(backend, image_id, *args, **kwargs)
                 for instance in reservation.instances:
                     cloud._launched(instance)

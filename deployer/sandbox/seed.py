@@ -132,6 +132,18 @@ def ensure_account(ec2, plan: Plan) -> dict:
     }
 
 
+def ensure_instance_profile(iam, plan: Plan) -> str:
+    """An IAM instance profile for the environment's instances, so that an
+    environment can name one (RunInstances refuses a profile that does not
+    exist). Made on every start: the sandbox keeps no IAM state across restarts."""
+    name = f"{plan.environment}-app"
+    try:
+        iam.get_instance_profile(InstanceProfileName=name)
+    except iam.exceptions.NoSuchEntityException:
+        iam.create_instance_profile(InstanceProfileName=name)
+    return name
+
+
 def target_for(instance: dict, plan: Plan) -> ssh.Target:
     host_key = plan.host_keys_dir / instance["InstanceId"] / "ssh_host_ed25519_key.pub"
     return ssh.Target(
@@ -180,7 +192,7 @@ def ensure_environment(
     wait_until_routable: Callable[[set[str]], None],
 ) -> dict:
     ec2 = aws.client(account, "ec2")
-    ids = ensure_account(ec2, plan)
+    ids = {**ensure_account(ec2, plan), "instance_profile": ensure_instance_profile(aws.client(account, "iam"), plan)}
     seeded = _seeded_alb(aws.client(account, "elbv2"), plan) if plan.load_balancer == "alb" else _seeded_classic(aws.client(account, "elb"), plan)
     if seeded is not None:
         log.info("environment %s is already seeded", plan.environment)
