@@ -576,14 +576,16 @@ class Cloud:
         return f"{action} (DryRun): the endpoint ran the call instead of only checking it"
 
     def launch_request(self, *, image_id: str, instance_type: str, key_name: str, subnet_id: str,
-                       security_group_ids: list[str], tags: dict, instance_profile: str = "") -> dict:
-        """RunInstances' parameters as a release's launch sends them, for a DryRun."""
-        request = {"ImageId": image_id, "InstanceType": instance_type, "KeyName": key_name, "SubnetId": subnet_id,
-                   "SecurityGroupIds": security_group_ids, "MinCount": 1, "MaxCount": 1,
-                   "TagSpecifications": [{"ResourceType": "instance", "Tags": _tags(tags)}]}
-        if instance_profile:
-            request["IamInstanceProfile"] = (
-                {"Arn": instance_profile} if instance_profile.startswith("arn:") else {"Name": instance_profile})
+                       security_group_ids: list[str], tags: dict, options: LaunchOptions | None = None) -> dict:
+        """RunInstances' parameters exactly as a release's launch sends them
+        (launch settings included), for a DryRun; no client token."""
+        options = options or LaunchOptions()
+        root_device, root_snapshot = self._root_device(image_id) if options.root_volume() else ("", "")
+        request = run_instances_request(
+            tags=tags, identity={}, image_id=image_id, instance_type=instance_type, key_name=key_name,
+            subnet_id=subnet_id, security_group_ids=security_group_ids, client_token="", options=options,
+            root_device=root_device, root_snapshot=root_snapshot)
+        request.pop("ClientToken")
         return request
 
     # -- security groups -------------------------------------------------------

@@ -233,7 +233,7 @@ def check_permissions(cloud: aws.Cloud, env: dict, state: dict, **_) -> list[Che
         image_id=image, instance_type=env["instance_type"], key_name=env["key_name"], subnet_id=env["subnet_id"],
         security_group_ids=[*env["security_group_ids"], env["verify_security_group_id"]],
         tags={"Name": f"{env['name_prefix']}preflight", **fake.tags(), **fake.instance("canary")},
-        instance_profile=env.get("instance_profile", ""))
+        options=steps.launch_options({**plan.FROZEN_DEFAULTS, **env}))
     rule = {"GroupId": env["verify_security_group_id"], "IpPermissions": [{
         "IpProtocol": "tcp", "FromPort": env["app_port"], "ToPort": env["app_port"], "IpRanges": [{"CidrIp": env["verify_cidr"]}]}]}
     asked: list[tuple[str, dict, str]] = [("RunInstances", launch, f"from {image}"),

@@ -15,7 +15,7 @@ import pytest
 from django.core.management import call_command
 
 from deployer import aws
-from releases import selectors, services
+from releases import cleanup, selectors, services
 from releases.models import Environment
 from tests.helpers import ROOT, SandboxProcess
 from tests.release_helpers import api, person, wait_gate, wait_status
@@ -71,6 +71,14 @@ def release_and_roll_back(info: dict, dana, ravi, client, web_calls, monkeypatch
     Environment.objects.filter(pk=environment.pk).update(instance_profile="app")
     monkeypatch.setenv(aws.RECORD_CALLS, str(worker_calls))
     call_command("preflight", environment.name, stdout=io.StringIO(), stderr=io.StringIO())
+
+    # the workers' clean-up (a periodic task): an image of Greenlight's beyond the last N goes, snapshots first tagged
+    cloud = cleanup.environment_cloud(Environment.objects.get(pk=environment.pk))
+    [serving] = cloud.registered()[:1]
+    image = cloud.create_image(serving, f"greenlight-iam-{environment.name}",
+                               {aws.TAG_RELEASE: "iam-test", aws.TAG_ENVIRONMENT: environment.name})
+    Environment.objects.filter(pk=environment.pk).update(images_kept=0)
+    assert image in cleanup.clean_up_images(Environment.objects.get(pk=environment.pk))
     monkeypatch.delenv(aws.RECORD_CALLS)
 
 
@@ -106,6 +114,8 @@ def test_changes_to_instances_and_images_are_limited_to_what_greenlight_tagged()
     assert statements["RemoveOnlyReleaseImages"]["Condition"] == change["Condition"]
     assert statements["TagOnlyWhatItCreates"]["Condition"]["StringEquals"]["ec2:CreateAction"] == ["RunInstances",
                                                                                                    "CreateImage"]
+    assert statements["MarkSnapshotsOfImagesBeingRemoved"]["Condition"] == {
+        "ForAllValues:StringEquals": {"aws:TagKeys": [aws.TAG_DEREGISTERED_IMAGE]}}  # the clean-up's one mark, no other tag
     assert statements["LaunchOnlyTaggedInstances"]["Condition"]["Null"][f"aws:RequestTag/{aws.TAG_RELEASE}"] == "false"
     assert all(not a.startswith(("ec2:", "elasticloadbalancing:")) or a.split(":")[1].startswith("Describe")
                for a in granted(POLICY["web"])), "the web's policy is read-only"
