@@ -154,8 +154,15 @@ def advance(release_id: int) -> float | None:
     """Do what the release needs now. Returns the seconds until it wants to
     be nudged again (a step is waiting on AWS), or None."""
     owner = worker_id()
+    fresh = True
     while True:
-        close_old_connections()
+        if fresh or connection.errors_occurred:
+            # A task's first look gets a connection of its own, as a request does (CONN_MAX_AGE 0
+            # closes it), and so does a look after a database error. Between two steps the
+            # connection has just worked (the last step's outcome was written through it):
+            # it is kept, not opened again (a new PostgreSQL backend costs milliseconds).
+            close_old_connections()
+            fresh = False
         release = Release.objects.select_related("environment").filter(pk=release_id).first()
         if release is None:
             return None
@@ -187,9 +194,9 @@ def take(release: Release, step: Step, owner: str):
     """Lease the step if it is due, and run it."""
     now = timezone.now()
     if step.status == S.PENDING:
-        leased = transitions.step(step.pk, "start", lease_owner=owner, lease_expires_at=now + lease_term(), started_at=now,
-                                  finished_at=None, error="", waiting_for="", attempts=F("attempts") + 1)
-        if leased:
+        leased = transitions.step(step.pk, "start", release_id=release.pk, lease_owner=owner, lease_expires_at=now + lease_term(),
+                                  started_at=now, finished_at=None, error="", waiting_for="", attempts=F("attempts") + 1)
+        if leased and release.status == R.QUEUED:  # "start" moves only a queued release: no look for a running one
             transitions.release(release.pk, "start")
         resumed = False
     elif step.status == S.RUNNING and not step.lease_owner:
@@ -284,7 +291,7 @@ def _run_step(release: Release, step: Step, owner: str, writer: LogWriter, *, re
         return lost(release, step, owner)
     writer.write(step.key, f"{step.key} succeeded")
     writer.flush()
-    done = transitions.step(step.pk, "succeed", held_by=owner, result=result, finished_at=timezone.now(),
+    done = transitions.step(step.pk, "succeed", release_id=release.pk, held_by=owner, result=result, finished_at=timezone.now(),
                             waiting_for="", wake_at=None, wait={}, deadline=None)
     return GO_ON if done else None
 
@@ -336,7 +343,7 @@ def cancel_step(release: Release, step: Step, owner: str | None, writer: LogWrit
     Said in the log only when this call stopped it (a worker may have taken
     the step off its timer a moment before)."""
     with transaction.atomic():
-        stopped = transitions.step(step.pk, "cancel", held_by=owner if owner is not None else "", error="cancelled",
+        stopped = transitions.step(step.pk, "cancel", release_id=release.pk, held_by=owner if owner is not None else "", error="cancelled",
                                    reason="cancelled", finished_at=timezone.now(), waiting_for="", wake_at=None)
         if stopped:
             transitions.release(release.pk, "cancel", reason="cancelled")
@@ -362,7 +369,7 @@ def stop_for_cancel(release: Release) -> bool:
 def fail(release: Release, step: Step, owner: str, writer: LogWriter, reason: str) -> None:
     reason = writer.redact(reason)  # the error is shown on the page and in the API too
     with transaction.atomic():
-        failed = transitions.step(step.pk, "fail", held_by=owner, error=reason, reason=reason, finished_at=timezone.now(),
+        failed = transitions.step(step.pk, "fail", release_id=release.pk, held_by=owner, error=reason, reason=reason, finished_at=timezone.now(),
                                   waiting_for="", wake_at=None)
         if failed:
             transitions.release(release.pk, "fail", error=f"{step.key}: {reason}", reason=f"{step.key} failed")
@@ -385,7 +392,7 @@ def open_gate(release: Release, step: Step) -> None:
         card = {"warning": context.log.redact.text(str(exc))}
     timeout = release.plan["environment"]["gate_timeout"]
     with transaction.atomic():
-        opened = transitions.step(step.pk, "open", started_at=started,
+        opened = transitions.step(step.pk, "open", release_id=release.pk, started_at=started,
                                   deadline=timezone.now() + timedelta(seconds=timeout), result=card)
         if opened:
             transitions.release(release.pk, "open_gate", reason=f"{step.key} is open")

@@ -13,10 +13,12 @@ import logging
 import threading
 import time
 from collections import namedtuple
+from datetime import datetime
+from datetime import timezone as dt_timezone
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
-from django.utils import timezone
 
 from deployer.redact import REDACTED, Redactor  # noqa: F401 (REDACTED: for callers)
 
@@ -27,13 +29,17 @@ log = logging.getLogger(__name__)
 
 # A write stores the batch when it has BATCH_LINES lines or BATCH_SECONDS
 # passed since the last one, so a flood goes out in big messages; the
-# background flusher stores whatever waited QUIET_SECONDS, so a trickle goes
-# out soon too (`make bench`: at 1,000 lines/s a line reached the browser in
-# about 35 ms at the median; when the flusher waited 0.25 s, about 200 ms).
+# background flusher stores a trickle's lines once the first of them waited
+# TRICKLE_SECONDS, and anything pending QUIET_SECONDS after the last flush, so
+# no line waits long (`make bench`: at 1,000 lines/s a line reached the browser
+# in about 35 ms at the median when the flusher waited 25 ms for every batch;
+# about 200 ms when it waited 0.25 s).
 BATCH_LINES = 2000
 BATCH_SECONDS = 0.25
 QUIET_SECONDS = 0.025  # after this long with no flush, the background flusher stores what is pending
-FLUSHER_TICK_SECONDS = 0.025  # how often it looks: a line waits at most QUIET_SECONDS plus this
+TRICKLE_LINES = 100  # fewer pending than this are a trickle: stored once the first waited TRICKLE_SECONDS
+TRICKLE_SECONDS = 0.01  # (more are a flood, left to grow to a batch of QUIET_SECONDS: fewer, bigger messages)
+FLUSHER_TICK_SECONDS = 0.005  # how often it looks: a line waits at most QUIET_SECONDS plus this
 FLUSHER_IDLE_SECONDS = 2.0  # a flusher with nothing to store this long ends; the next line starts another
 BACKGROUND_LOCK_TIMEOUT = "1s"  # how long the flusher waits for the release row (see _flush_quietly)
 class LogWriter:
@@ -42,21 +48,26 @@ class LogWriter:
     Lines are stored in batches when a new line arrives (BATCH_LINES, or
     BATCH_SECONDS since the last flush). So that no line is held back long, a
     background flusher (a thread, started with the first pending line, ending
-    after FLUSHER_IDLE_SECONDS with nothing to do) stores what is pending once
-    QUIET_SECONDS pass with no flush: the last line before a quiet spell, and
-    the lines of a steady trickle every few tens of milliseconds. close(), or
-    leaving a `with` block, stops that thread and flushes.
+    after FLUSHER_IDLE_SECONDS with nothing to do) stores a few pending lines
+    once the first waited TRICKLE_SECONDS (the last line before a quiet spell,
+    a steady trickle's lines every ten milliseconds or so), and more once
+    QUIET_SECONDS pass with no flush. close(), or leaving a `with` block,
+    stops that thread and flushes.
     """
 
     def __init__(self, release_id: int, *, secrets: list[str] = ()):
         self.release_id = release_id
         self.redact = Redactor(secrets)
-        self.pending: list[tuple] = []
+        self.pending: list[tuple] = []  # (source, text, at), source being (step, host, stream); not redacted yet
         self.lock = threading.Lock()  # guards pending, last_flush and the flusher
-        # one flush at a time: a batch taken later must not be numbered first
+        # one flush at a time: a batch taken later must not be numbered first, and
+        # lines are redacted in the order they came (a private key's state is per source)
         self.flushing = threading.Lock()
+        self.redacted: list[tuple] = []  # under `flushing`: lines redacted once, which a failed store put back
         self.last_flush = time.monotonic()
+        self.first_pending = 0.0  # when the oldest pending line was written (time.monotonic())
         self.flusher: _Flusher | None = None
+        self.tz = dt_timezone.utc if settings.USE_TZ else None
 
     def __enter__(self) -> LogWriter:
         return self
@@ -68,7 +79,9 @@ class LogWriter:
         if "\x00" in text:
             text = text.replace("\x00", "\ufffd")  # no text column of PostgreSQL's holds NUL
         with self.lock:
-            self.pending.append((step, host, stream, self.redact(text, (step, host, stream)), timezone.now()))
+            if not self.pending:
+                self.first_pending = time.monotonic()
+            self.pending.append(((step, host, stream), text, datetime.now(self.tz)))  # timezone.now(), less its look-up
             due = len(self.pending) >= BATCH_LINES or time.monotonic() - self.last_flush > BATCH_SECONDS
             if not due and self.flusher is None:
                 self.flusher = _Flusher(self)
@@ -89,9 +102,18 @@ class LogWriter:
         self.flush()
 
     def _take(self) -> list[tuple]:
+        """The lines to store next, redacted, as (step, host, stream, text, at); the caller holds `flushing`.
+
+        Redacted here, a batch at a time (Redactor.lines), not line by line as
+        they are written: the same result for far less work per line."""
         with self.lock:
-            batch, self.pending = self.pending, []
+            pending, self.pending = self.pending, []
             self.last_flush = time.monotonic()
+        batch, self.redacted = self.redacted, []
+        if pending:
+            sources = [source for source, _, _ in pending]
+            texts = self.redact.lines([text for _, text, _ in pending], sources)
+            batch += [(*source, text, at) for source, text, (_, _, at) in zip(sources, texts, pending)]
         return batch
 
     def _store(self, batch: list[tuple], *, wait_for_row: str = "") -> None:
@@ -115,8 +137,10 @@ class LogWriter:
         in front, in order, for the next flush(), close() or flusher.
         """
         with self.lock:
-            if not self.pending or time.monotonic() - self.last_flush < QUIET_SECONDS:
-                return False  # nothing waits, or writes are flushing: a batch of their own is cheaper
+            now = time.monotonic()
+            trickle = len(self.pending) < TRICKLE_LINES and now - self.first_pending >= TRICKLE_SECONDS
+            if not self.pending or not (trickle or now - self.last_flush >= QUIET_SECONDS):
+                return False  # nothing waits, or a flood's batch is still growing (or writes flush it themselves)
         with self.flushing:
             batch = self._take()  # empty if a write's flush took the lines meanwhile
             if not batch:
@@ -130,8 +154,7 @@ class LogWriter:
         try:
             self._store(batch, **options)
         except Exception:
-            with self.lock:
-                self.pending[:0] = batch
+            self.redacted = batch  # in front of what is pending, redacted already (never twice); under `flushing`
             raise
 
     def _retire(self, flusher: _Flusher, *, even_with_lines_pending: bool = False) -> bool:

@@ -117,11 +117,14 @@ def release(release_id: int, action: str, *, reason: str = "", actor=None, **fie
     return changed
 
 
-def step(step_id: int, action: str, *, held_by: str | None = None, reason: str = "", actor=None, **fields) -> bool:
-    """Move a step by `action`; `held_by`: only if this worker still holds its lease."""
-    release_id = Step.objects.values_list("release_id", flat=True).filter(pk=step_id).first()
+def step(step_id: int, action: str, *, held_by: str | None = None, reason: str = "", actor=None,
+         release_id: int | None = None, **fields) -> bool:
+    """Move a step by `action`; `held_by`: only if this worker still holds its lease.
+    `release_id`: the step's release, when the caller knows it (one query fewer)."""
     if release_id is None:
-        return False
+        release_id = Step.objects.values_list("release_id", flat=True).filter(pk=step_id).first()
+        if release_id is None:
+            return False
     extra = {"lease_owner": held_by} if held_by is not None else {}
     with transaction.atomic():
         changed = _move(Step, STEP_MOVES, step_id, action, extra_filter=extra, release_id=release_id,

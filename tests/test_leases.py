@@ -180,6 +180,10 @@ def test_a_worker_that_loses_its_lease_makes_no_aws_call_and_saves_nothing(sandb
     import threading
     from unittest import mock
 
+    from datetime import timedelta
+
+    from django.utils import timezone
+
     from releases import engine, steps
     from releases.models import AuditEvent, Step
     from tests.helpers import wait_for
@@ -188,6 +192,9 @@ def test_a_worker_that_loses_its_lease_makes_no_aws_call_and_saves_nothing(sandb
     settings.LEASE_SECONDS = 1.5  # the heartbeat renews every half second
     env = sandbox_environment
     release, step = leased_release(env, person("dana", "deployer"), key="open_access")
+    # a lease of LEASE_SECONDS, as engine.take gives (leased_release's 60 s would outlast
+    # every renewal below, and the test passed only when the step took more than one beat to begin)
+    Step.objects.filter(pk=step.pk).update(lease_expires_at=timezone.now() + timedelta(seconds=settings.LEASE_SECONDS))
     resumed, reached = threading.Event(), threading.Event()
     calls = []
 

@@ -5,6 +5,7 @@ import base64
 import io
 import logging
 import os
+import re
 import sys
 import textwrap
 
@@ -217,3 +218,51 @@ def test_an_adapters_error_is_redacted_wherever_it_is_shown_later():
     error = AdapterError(f"InvalidParameterValue: {base64.b64encode(TOKEN.encode()).decode()} is not valid")
 
     assert str(error) == f"InvalidParameterValue: {REDACTED} is not valid"
+
+
+def test_redacting_a_batch_of_lines_gives_what_redacting_each_line_gives():
+    """Redactor.lines (the release log's way, a batch at a time) skips the
+    lines no rule can match: line for line, it must give what __call__ gives,
+    private keys' per-source state across batches included."""
+    import random
+
+    key, secret = private_key_text(), "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzzEXAMPLEKEY"
+    known = [secret, key, "s3cr3t-db-pass", "shorty7"]
+    rng = random.Random(9)
+    lines = [
+        "HEAD is now at 9f2c1e0a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e prepan v2", "", "ok", "a\nb password=x\nc",
+        "Collecting requests==2.34.2 from /usr/lib/python3/dist-packages/requests-2.34.2.dist-info",
+        "export AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE", "xAKIAIOSFODNN7EXAMPLEx", "Authorization: Token 9944b09199c62bcf9418ad",
+        "PROXY-AUTHORIZATION = Basic abc", "bearer abcdefghijklmnopqrstu", "connecting to postgres://app:hunter2@db:5432/app",
+        "mysql --password=hunter2hunter2", "API-KEY: k", "pwd", "PWD: hunter2", "Secret_Key=abc", "TOKEN", "token: abc", "aws says Zq3xLm9PwT2vRk8sYb4nHc7dJf1gNa6eUo5iKt0Q ok", "git://h/r", "pa\u017fsword=x", "\u212a\u212aapi_\u212aey=1 \u2713", "\u0130 token=\u0130", "se\u0130cret", "the password field is required",
+        "connecting with s3cr3t-db-pass...", "shorty7shorty7", "-----END RSA PRIVATE KEY-----", "ab" * 30,
+        "dXNlcm5hbWU6IGRhbmEsIHJvbGU6IGRlcGxveWVyLCBlbnY6IHByZXBhbg==", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        f"{SECRET_KEY} and {TOKEN}", f"x{TOKEN[3:]}y", "\u212a\u212aapi_\u212aey=1",
+        *(line for data in (secret.encode(), key.encode(), SECRET_KEY.encode(), b"s3cr3t-db-pass") for line in printed(data)),
+    ]
+    texts = [rng.choice(lines) for _ in range(3000)]
+    for n in rng.sample(range(len(texts)), 40):  # keys that begin and end, some never, on several sources
+        texts[n:n] = key.splitlines()[: rng.choice([3, 30, 100])]
+    sources = [rng.choice([("deploy", "app-1", "stdout"), ("deploy", "app-2", "stdout"), ("deploy", "app-1", "stderr")])
+               for _ in texts]
+
+    one_by_one, batched = Redactor(known), Redactor(known)
+    expected = [one_by_one(text, source) for text, source in zip(texts, sources)]
+    got, at = [], 0
+    while at < len(texts):
+        size = rng.choice([1, 7, 100, 2000])
+        got += batched.lines(texts[at:at + size], sources[at:at + size])
+        at += size
+
+    assert got == expected
+    assert sum(text == REDACTED for text in got) > 1000  # the corpus has something to redact
+    each = Redactor(known)
+    assert Redactor(known).text(f"a\n{key}\nb") == "\n".join([each(t, ("text",)) for t in ("a", *key.split("\n"), "b")])
+
+
+def test_the_batchs_quick_search_knows_every_character_that_matches_an_ascii_letter_in_any_case():
+    letters = set("".join(redact._WORDS))
+    others = "".join(chr(c) for c in range(0x80, 0x110000) if not 0xD800 <= c < 0xE000)
+    folding = {found for letter in letters for found in re.findall("(?i)" + letter, others)}
+    assert all(redact._FOLDS_TO_ASCII.match(c) for c in folding)
+    assert [c for c in others if len(c.lower()) != 1] == ["\u0130"]  # what the quick search's offsets rely on
