@@ -213,7 +213,7 @@ def test_a_worker_that_loses_its_lease_makes_no_aws_call_and_saves_nothing(sandb
             thread, outcome = run_in_thread(release, step)
             assert reached.wait(30)
             first = Step.objects.get(pk=step.pk).lease_expires_at
-            # renewed to now + 1.5 s: earlier than the 60 s the row was made with, so changed, not later
+            # renewed to now + LEASE_SECONDS: changed (a renewal is not always later than the lease it replaces)
             wait_for(lambda: Step.objects.get(pk=step.pk).lease_expires_at != first, 15, 0.1, "the heartbeat to renew the lease")
             moves = take_over(step)
             resumed.set()
