@@ -31,6 +31,23 @@ os.environ.setdefault("GLREDACT_ACCESS_KEY_ID", "AKIA" + "".join(secrets.choice(
 os.environ.setdefault("GLREDACT_SECRET_ACCESS_KEY", secrets.token_urlsafe(30))
 
 
+@pytest.fixture(autouse=True)
+def _role_groups_survive_a_flush(request, django_db_blocker):
+    """The four role groups are data a migration made, and a transactional
+    test's flush empties every table: made again after one, for whichever test
+    comes next (two test processes run files in no fixed order). Set up before
+    the database fixtures, so torn down after their flush."""
+    yield
+    marker = request.node.get_closest_marker("django_db")
+    if (marker and marker.kwargs.get("transaction")) or "transactional_db" in request.fixturenames:
+        from django.contrib.auth.models import Group
+
+        from releases import roles
+
+        with django_db_blocker.unblock():
+            Group.objects.bulk_create([Group(name=name) for name in roles.ALL], ignore_conflicts=True)
+
+
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory):
     """One seeded sandbox for the sandbox tests, stopped (and checked) at the end."""

@@ -226,9 +226,12 @@ def broker_down():
     from deployer.celery import app
 
     def reset():
+        from kombu import pools
+
         if app._pool is not None:
             app._pool.force_close_all()
         app._pool, app.amqp._producer_pool = None, None
+        pools.reset()  # kombu's own registry would hand the closed pool back to the next task sent (for the same URL)
 
     before = app.conf.broker_url
     app.conf.broker_url = f"redis://127.0.0.1:{free_port()}/0"
