@@ -51,19 +51,15 @@ def _role_groups_survive_a_flush(request, django_db_blocker):
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory):
     """One seeded sandbox for the sandbox tests, stopped (and checked) at the end."""
-    process = SandboxProcess(tmp_path_factory.mktemp("sandbox"))
-    process.start()
-    yield process
-    assert process.stop() == 0
+    with SandboxProcess(tmp_path_factory.mktemp("sandbox")) as process:
+        yield process
 
 
 @pytest.fixture(scope="session")
 def release_sandbox(tmp_path_factory):
     """A sandbox of its own for the release tests, which change what it serves."""
-    process = SandboxProcess(tmp_path_factory.mktemp("release-sandbox"), draining_timeout=1)
-    process.start()
-    yield process
-    assert process.stop() == 0
+    with SandboxProcess(tmp_path_factory.mktemp("release-sandbox"), draining_timeout=1) as process:
+        yield process
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,15 @@ class SandboxProcess:
     def info(self) -> dict:
         return json.loads(self.file.read_text())
 
+    def __enter__(self) -> SandboxProcess:
+        self.start()
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        code = self.stop()
+        if kind is None:
+            assert code == 0, f"the sandbox exited with {code}:\n{self.log.read_text()[-3000:]}"
+
     def stop(self, timeout: float = 30) -> int:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0

@@ -21,10 +21,8 @@ pytestmark = [pytest.mark.sandbox]
 
 @pytest.fixture(scope="module")
 def bastion_sandbox(tmp_path_factory):
-    process = SandboxProcess(tmp_path_factory.mktemp("bastion-sandbox"), bastion=True, draining_timeout=1)
-    process.start()
-    yield process
-    assert process.stop() == 0
+    with SandboxProcess(tmp_path_factory.mktemp("bastion-sandbox"), bastion=True, draining_timeout=1) as process:
+        yield process
 
 
 def seeded(sandbox: SandboxProcess) -> dict:

@@ -24,10 +24,8 @@ pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
 @pytest.fixture(scope="module")
 def cleanup_sandbox(tmp_path_factory):
     """A sandbox of its own: these tests delete images and terminate instances."""
-    process = SandboxProcess(tmp_path_factory.mktemp("cleanup-sandbox"), draining_timeout=1)
-    process.start()
-    yield process
-    assert process.stop() == 0
+    with SandboxProcess(tmp_path_factory.mktemp("cleanup-sandbox"), draining_timeout=1) as process:
+        yield process
 
 
 @pytest.fixture

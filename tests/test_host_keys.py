@@ -20,10 +20,8 @@ pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
 @pytest.fixture(scope="module")
 def keyless_sandbox(tmp_path_factory):
     """Instances whose console output never shows their host keys (an image without cloud-init's keys-to-console)."""
-    process = SandboxProcess(tmp_path_factory.mktemp("keyless"), timing={"instance_pending": 0.5, "console_output": 10**6})
-    process.start()
-    yield process
-    assert process.stop() == 0
+    with SandboxProcess(tmp_path_factory.mktemp("keyless"), timing={"instance_pending": 0.5, "console_output": 10**6}) as process:
+        yield process
 
 
 @pytest.fixture

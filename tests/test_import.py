@@ -78,10 +78,8 @@ def alb_sandbox(tmp_path_factory):
     """Two environments, each behind an application load balancer and a target group."""
     from tests.helpers import SandboxProcess
 
-    process = SandboxProcess(tmp_path_factory.mktemp("import-alb"), load_balancer="alb", environments=["prepan", "alpha"], seed_count=1)
-    process.start()
-    yield process
-    assert process.stop() == 0
+    with SandboxProcess(tmp_path_factory.mktemp("import-alb"), load_balancer="alb", environments=["prepan", "alpha"], seed_count=1) as process:
+        yield process
 
 
 def test_it_reads_a_target_group_fills_in_what_aws_knows_and_saves_it(client, alb_sandbox):

@@ -23,10 +23,8 @@ USER_DATA = "#cloud-config\nruncmd:\n  - echo 'hello from greenlight' > /tmp/hel
 @pytest.fixture(scope="module")
 def launch_sandbox(tmp_path_factory):
     """A sandbox of its own: these tests launch instances the other release tests would count."""
-    process = SandboxProcess(tmp_path_factory.mktemp("launch-sandbox"))
-    process.start()
-    yield process
-    assert process.stop() == 0
+    with SandboxProcess(tmp_path_factory.mktemp("launch-sandbox")) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -18,23 +18,16 @@ from pathlib import Path
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
+from .hosts import KeyOnlyServer
+
 log = logging.getLogger("sandbox.bastion")
 
 
-class _Server(asyncssh.SSHServer):
+class _Server(KeyOnlyServer):
     def __init__(self, bastion: Bastion):
         self.bastion = bastion
 
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return False
-
-    def public_key_auth_supported(self) -> bool:
-        return True
-
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    def accepts(self, username: str, key: asyncssh.SSHKey) -> bool:
         return username == self.bastion.user and key.public_data == self.bastion.client_key().public_data
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):

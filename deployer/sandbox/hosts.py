@@ -75,7 +75,26 @@ def kill_marked(sandbox_dir: Path, instance_id: str | None = None, grace: float 
     return killed
 
 
-class _SSHServer(asyncssh.SSHServer):
+class KeyOnlyServer(asyncssh.SSHServer):
+    """Public-key authentication only (as an EC2 image's sshd), for whom `accepts` names."""
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self.accepts(username, key)
+
+    def accepts(self, username: str, key: asyncssh.SSHKey) -> bool:
+        raise NotImplementedError
+
+
+class _SSHServer(KeyOnlyServer):
     def __init__(self, host: Host):
         self.host = host
 
@@ -88,16 +107,7 @@ class _SSHServer(asyncssh.SSHServer):
             log.info("%s refused SSH from %s: only the bastion %s may connect", self.host.id, peer, allowed)
             conn.abort()
 
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return False
-
-    def public_key_auth_supported(self) -> bool:
-        return True
-
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    def accepts(self, username: str, key: asyncssh.SSHKey) -> bool:
         return username == self.host.ssh_user and key.public_data in self.host.authorized_keys()
 
 
