@@ -7,7 +7,7 @@ import sys
 import pytest
 from django.conf import settings
 
-from tests.helpers import ROOT, SandboxProcess, wait_for
+from tests.helpers import ROOT, SandboxProcess, child_environ, wait_for
 
 # The sandbox's repository is a file:// URL: allowed here, as `make demo` does,
 # for this process (settings are loaded already) and the workers, web servers
@@ -31,21 +31,33 @@ os.environ.setdefault("GLREDACT_ACCESS_KEY_ID", "AKIA" + "".join(secrets.choice(
 os.environ.setdefault("GLREDACT_SECRET_ACCESS_KEY", secrets.token_urlsafe(30))
 
 
-@pytest.fixture(autouse=True)
-def _role_groups_survive_a_flush(request, django_db_blocker):
+_db_blocker = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remember_the_db_blocker(django_db_blocker):
+    global _db_blocker
+    _db_blocker = django_db_blocker
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
     """The four role groups are data a migration made, and a transactional
-    test's flush empties every table: made again after one, for whichever test
-    comes next (two test processes run files in no fixed order). Set up before
-    the database fixtures, so torn down after their flush."""
+    test's flush empties every table: made again once its fixtures are torn
+    down, for whichever test comes next (two test processes run the files in
+    no fixed order, so a test of the roles may come after a flush)."""
     yield
-    marker = request.node.get_closest_marker("django_db")
-    if (marker and marker.kwargs.get("transaction")) or "transactional_db" in request.fixturenames:
+    marker = item.get_closest_marker("django_db")
+    transactional = (marker and marker.kwargs.get("transaction")) or "transactional_db" in getattr(item, "fixturenames", ())
+    if transactional and nextitem is not None and _db_blocker is not None:
         from django.contrib.auth.models import Group
+        from django.db import connection
 
         from releases import roles
 
-        with django_db_blocker.unblock():
+        with _db_blocker.unblock():
             Group.objects.bulk_create([Group(name=name) for name in roles.ALL], ignore_conflicts=True)
+            connection.close()
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +89,7 @@ def celery_worker(django_db_setup, django_db_blocker, tmp_path_factory):
         cwd=ROOT,
         # the same key as the tests: every process that records appends to one audit chain
         # every AWS call it makes, as IAM actions, for tests/test_iam_policy.py (deployer/aws.py RECORD_CALLS)
-        env={**os.environ, "DATABASE_URL": url, "SWEEP_SECONDS": "1", "GREENLIGHT_VAR_DIR": str(log.parent),
+        env={**child_environ(), "DATABASE_URL": url, "SWEEP_SECONDS": "1", "GREENLIGHT_VAR_DIR": str(log.parent),
              "SECRET_KEY": settings.SECRET_KEY, "GREENLIGHT_RECORD_AWS_CALLS": str(log.parent / "aws-calls.txt")},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -100,7 +112,7 @@ def web_server(celery_worker, tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "deployer.asgi:application"],
         cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        env={**child_environ(), "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
              "GREENLIGHT_VAR_DIR": str(log.parent), "SECRET_KEY": settings.SECRET_KEY},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,

@@ -18,7 +18,7 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, child_environ, free_port, wait_for
 
 
 class RedisServer:
@@ -113,7 +113,7 @@ class Child:
 
     def __init__(self, args: list[str], directory: Path, redis_url: str, database_url: str, secret_key: str, **env):
         self.args, self.log = args, directory / "out.log"
-        self.env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url, "CELERY_BROKER_URL": redis_url,
+        self.env = {**child_environ(), "DATABASE_URL": database_url, "REDIS_URL": redis_url, "CELERY_BROKER_URL": redis_url,
                     "GREENLIGHT_VAR_DIR": str(directory), "SECRET_KEY": secret_key, **env}
         self.process: subprocess.Popen | None = None
 

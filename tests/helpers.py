@@ -18,6 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 _started = iter(range(1_000_000))
 
 
+def child_environ() -> dict[str, str]:
+    """This process's environment, for a process a test starts: without what
+    only this process needs (the browser tests let their own sync database
+    calls run beside Playwright's event loop; a web server or worker given
+    that would run its own async code unsafely)."""
+    return {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+
+
 def free_port() -> int:
     """A port nothing listens on (the moment it is asked)."""
     with socket.socket() as sock:
@@ -90,7 +98,7 @@ class SandboxProcess:
         ]
         if not self.seed:
             args.append("--no-seed")
-        env = {**os.environ, "GREENLIGHT_VAR_DIR": str(self.directory), "SECRET_KEY": "sandbox-test"}
+        env = {**child_environ(), "GREENLIGHT_VAR_DIR": str(self.directory), "SECRET_KEY": "sandbox-test"}
         self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         wait_for(lambda: self.file.exists() or self.process.poll() is not None, timeout, message="the sandbox to be ready")
         if self.process.poll() is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -18,7 +17,7 @@ from django.conf import settings
 
 from releases import services, tasks
 from releases.models import Approval, AuditEvent, Environment, Recipe, Release, Step
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, child_environ, free_port, wait_for
 from tests.release_helpers import api, person
 from tests.test_api import environment  # noqa: F401  (fixture)
 
@@ -248,7 +247,7 @@ def test_a_database_that_stays_locked_is_a_409_not_a_500(dana, release):
 
 
 def test_the_default_sqlite_database_waits_for_its_lock_and_begins_writes_at_once():
-    env = {**os.environ, "DATABASE_URL": "sqlite:////tmp/not-opened.sqlite3"}
+    env = {**child_environ(), "DATABASE_URL": "sqlite:////tmp/not-opened.sqlite3"}
     code = "import json; from django.conf import settings; print(json.dumps(settings.DATABASES['default']['OPTIONS']))"
     out = subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True).stdout
@@ -289,7 +288,7 @@ def seed(suffix: str) -> dict:
 
 def _server_env(tmp_path, database_url: str) -> dict:
     # No task leaves the server (an in-memory broker nobody reads): the releases stay where the test put them.
-    return {**os.environ, "DATABASE_URL": database_url, "GREENLIGHT_VAR_DIR": str(tmp_path),
+    return {**child_environ(), "DATABASE_URL": database_url, "GREENLIGHT_VAR_DIR": str(tmp_path),
             "SECRET_KEY": settings.SECRET_KEY, "CELERY_BROKER_URL": "memory://"}
 
 

@@ -3,7 +3,6 @@ change to a recorded event shows, and names the event."""
 
 import importlib
 import io
-import os
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from django.db import DatabaseError, connection, connections, transaction
 
 from releases import audit, chain
 from releases.models import AuditEvent, Environment
-from tests.helpers import ROOT
+from tests.helpers import ROOT, child_environ
 from tests.release_helpers import api, person
 from tests.test_api import environment  # noqa: F401  (fixture)
 
@@ -227,7 +226,7 @@ for n in range(25):
 @pytest.mark.django_db(transaction=True)
 def test_two_processes_recording_at_once_make_one_chain(settings):
     db = settings.DATABASES["default"]
-    env = {**os.environ, "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+    env = {**child_environ(), "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
            "SECRET_KEY": settings.SECRET_KEY, "START_AT": str(time.time() + 4)}
     processes = [subprocess.Popen([sys.executable, "manage.py", "shell", "-v0", "-c", RECORD_AT], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]

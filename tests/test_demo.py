@@ -12,7 +12,7 @@ import requests
 from django.conf import settings
 
 from deployer.sandbox.hosts import processes_marked
-from tests.helpers import ROOT, free_port, own_redis_url, wait_for
+from tests.helpers import ROOT, child_environ, free_port, own_redis_url, wait_for
 
 pytestmark = pytest.mark.sandbox
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.sandbox
 def test_the_demo_serves_a_login_and_the_seeded_environment_then_stops_cleanly(tmp_path):
     port = free_port()
     env = {
-        **os.environ,
+        **child_environ(),
         "GREENLIGHT_VAR_DIR": str(tmp_path),
         "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",  # the zero-setup default
         "REDIS_URL": own_redis_url(settings.REDIS_URL),  # the tests' worker must not take the demo's tasks
@@ -101,7 +101,7 @@ class Demo:
         self.base = f"http://127.0.0.1:{self.port}"
         self.lb = f"http://127.0.0.1:{free_port()}/"
         self.env = {
-            **os.environ,
+            **child_environ(),
             "GREENLIGHT_VAR_DIR": str(directory),
             "DATABASE_URL": f"sqlite:///{directory / 'demo.sqlite3'}",
             "REDIS_URL": own_redis_url(settings.REDIS_URL),  # the tests' worker must not take the demo's tasks

@@ -6,7 +6,7 @@ it lands (issue 9)."""
 import pytest
 
 from releases.models import LogLine, Release, Step
-from tests.helpers import processes_with
+from tests.helpers import child_environ, processes_with
 from tests.release_helpers import LoadLoop, api, revisions_behind, wait_gate, wait_status
 from tests.test_api import environment  # noqa: F401  (fixture)
 from tests.test_releases import approve, assert_nothing_left, cloud, dana, prepan, ravi, serving, start, wait_for_step  # noqa: F401
@@ -301,14 +301,13 @@ def test_the_lease_and_the_sweep_bound_how_long_a_dead_worker_holds_a_step(setti
 
 
 def test_a_lease_shorter_than_a_second_is_refused_with_the_setting_named():
-    import os
     import subprocess
     import sys
 
     from tests.helpers import ROOT
 
     done = subprocess.run([sys.executable, "-c", "import django; django.setup()"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "DJANGO_SETTINGS_MODULE": "deployer.settings", "LEASE_SECONDS": "0"})
+                          env={**child_environ(), "DJANGO_SETTINGS_MODULE": "deployer.settings", "LEASE_SECONDS": "0"})
     assert done.returncode != 0
     assert "LEASE_SECONDS is 0: a step's lease needs at least 1 second" in done.stderr
 

@@ -16,7 +16,7 @@ from axes.models import AccessAttempt
 
 from releases import services, tokens
 from releases.models import ApiToken, AuditEvent
-from tests.helpers import ROOT
+from tests.helpers import ROOT, child_environ
 from tests.release_helpers import api, person
 from tests.test_api import environment  # noqa: F401  (fixture)
 
@@ -185,7 +185,7 @@ print(json.dumps({name: getattr(settings, name) for name in (
 
 def https_settings(env: dict, tmp_path) -> dict:
     output = subprocess.run([sys.executable, "-c", PRINT_HTTPS], cwd=ROOT, capture_output=True, text=True, check=True,
-                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "deployer.settings",
+                            env={**child_environ(), "DJANGO_SETTINGS_MODULE": "deployer.settings",
                                  "GREENLIGHT_VAR_DIR": str(tmp_path), **env}).stdout
     return json.loads(output)
 

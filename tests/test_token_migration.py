@@ -3,7 +3,6 @@
 
 import hashlib
 import importlib
-import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -13,7 +12,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 from releases.models import ApiToken
-from tests.helpers import ROOT
+from tests.helpers import ROOT, child_environ
 from tests.release_helpers import person
 from tests.test_security_web import api_with
 
@@ -76,7 +75,7 @@ def test_an_old_sqlite_database_upgrades_with_its_tokens(tmp_path):
     """The demo's default database, upgraded for real: built with DRF's app, a
     token made by `drf_create_token`, then `migrate` with today's settings."""
     database = tmp_path / "old.sqlite3"
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{database}", "GREENLIGHT_VAR_DIR": str(tmp_path),
+    env = {**child_environ(), "DATABASE_URL": f"sqlite:///{database}", "GREENLIGHT_VAR_DIR": str(tmp_path),
            "SECRET_KEY": "a-test-key-for-an-old-database-0123456789abcdef"}
 
     def manage(*args, settings="deployer.settings"):

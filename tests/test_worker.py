@@ -8,7 +8,7 @@ import pytest
 from celery import Celery
 
 from deployer.celery import app
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ROOT, child_environ, wait_for
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def worker(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "deployer", "worker", "--pool", "solo", "-n", f"test-worker-{os.getpid()}@%h", "--loglevel", "warning"],
         cwd=ROOT,
-        env={**os.environ, "GREENLIGHT_VAR_DIR": str(tmp_path)},
+        env={**child_environ(), "GREENLIGHT_VAR_DIR": str(tmp_path)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
