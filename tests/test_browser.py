@@ -87,7 +87,7 @@ def test_a_release_clicked_through_and_approved_in_the_browser(release_sandbox, 
     canary.goto(direct)
     assert f"revision {target}" in canary.inner_text("body")
     canary.close()
-    assert ravi.title().startswith("(waiting)")
+    wait_in(ravi, "document.title.startsWith('(waiting)')", 30)  # retitled once the swapped panel settles
     shoot(ravi, "release-verify-gate")
 
     # four eyes: the requester sees the card but cannot approve
