@@ -124,9 +124,12 @@
 
   function refreshPanel() {
     if (window.htmx) {
-      htmx.ajax("GET", root.dataset.panelUrl, { target: "#panel", swap: "outerHTML" }).then(retitle);
+      htmx.ajax("GET", root.dataset.panelUrl, { target: "#panel", swap: "outerHTML" });
     }
   }
+  // the title follows the panel once its new content is in place (htmx.ajax's
+  // promise can resolve before the swap, and then read the old panel)
+  document.body.addEventListener("htmx:afterSettle", retitle);
 
   function retitle() {
     var panel = document.getElementById("panel");
