@@ -33,12 +33,15 @@ def seeded(sandbox: SandboxProcess) -> dict:
 
 def test_the_instances_answer_ssh_through_the_bastion_and_only_through_it(bastion_sandbox):
     instance = seeded(bastion_sandbox)
+    info = bastion_sandbox.info
+    # seeded and running, its sshd may still be starting on a busy machine
+    wait_for(lambda: ssh.listening(instance["PrivateIpAddress"], info["ssh_port"], jump=bastion_sandbox.jump()), 60, 0.5,
+             "the seeded instance's SSH through the bastion")
     result, lines = bastion_sandbox.run(instance, "echo through the bastion")
     assert result.ok and lines == [("stdout", "through the bastion")]
 
     with pytest.raises(AdapterError, match="cannot reach"):
         ssh.run(bastion_sandbox.target(instance, jump=None), "true", timeout=10)
-    info = bastion_sandbox.info
     assert ssh.listening(instance["PrivateIpAddress"], info["ssh_port"], jump=bastion_sandbox.jump())
     # an address nothing listens on, asked through the bastion
     assert not ssh.listening(info["bastion"]["host"].rsplit(".", 1)[0] + ".9", info["ssh_port"], jump=bastion_sandbox.jump())
