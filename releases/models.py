@@ -234,6 +234,21 @@ class Environment(models.Model):
     images_kept = models.PositiveIntegerField(
         default=5, help_text="baked images kept (with their snapshots); older ones are deleted, never one an instance "
         "or the rollback uses")
+    # -- who may deploy and decide (issue 11): empty keeps the global roles
+    deploy_groups = models.ManyToManyField(
+        "auth.Group", blank=True, related_name="+",
+        help_text="only deployers in one of these groups may start, cancel, retry or roll back here; none: every deployer")
+    verify_groups = models.ManyToManyField(
+        "auth.Group", blank=True, related_name="+",
+        help_text="only approvers in one of these groups may decide the direct check (verify_directly); "
+        "none: every approver")
+    swap_groups = models.ManyToManyField(
+        "auth.Group", blank=True, related_name="+",
+        help_text="only approvers in one of these groups may decide the swap (swap_elb); none: every approver")
+    approvals_required = models.PositiveSmallIntegerField(
+        default=1, help_text="distinct people who must approve each gate (one rejection rejects it)")
+    gate_reminder = models.PositiveIntegerField(
+        default=600, help_text="seconds before an open gate's deadline to notify that it expires soon; 0: never")
     updated_at = models.DateTimeField(auto_now=True)
 
     def clean(self):
@@ -337,6 +352,10 @@ class Step(models.Model):
     waiting_for = models.CharField(max_length=300, blank=True, help_text="what the step waits for, for people")
     wake_at = models.DateTimeField(null=True, blank=True, db_index=True)
     wait = models.JSONField(default=dict, blank=True, help_text="key, since and polls of the current wait")
+    # A gate's taker ("Assign to me"): shown to the others and notified, not a lock
+    assignee = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="+")
+    reminded_at = models.DateTimeField(null=True, blank=True, help_text="when 'expires soon' went out for this gate")
 
     class Meta:
         ordering = ["position"]
@@ -396,6 +415,12 @@ class Approval(models.Model):
     decision = models.CharField(max_length=8, choices=Decision.choices)
     comment = models.TextField(blank=True)
     at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            # one decision per person per gate (a gate opens once: a rejected or expired one rolls back)
+            models.UniqueConstraint(fields=["step", "user"], name="one_decision_per_person"),
+        ]
 
 
 class LogLine(models.Model):
@@ -486,3 +511,74 @@ class ApiToken(models.Model):
 
     def __str__(self):
         return f"{self.prefix}… ({self.user})"
+
+
+class NotificationChannel(models.Model):
+    """Where an environment's events go: an email list, a Slack incoming
+    webhook or a generic webhook. `url` and `secret` are credentials: write-only
+    on forms and the API, never in a log line, a page or the audit."""
+
+    class Kind(models.TextChoices):
+        EMAIL = "email"
+        SLACK = "slack"
+        WEBHOOK = "webhook"
+
+    environment = models.ForeignKey(Environment, on_delete=models.CASCADE, related_name="channels")
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    recipients = models.CharField(max_length=1000, blank=True, help_text="email: addresses, separated by commas")
+    url = models.CharField(max_length=1000, blank=True, help_text="Slack or webhook: where to POST (write-only)")
+    secret = models.CharField(max_length=200, blank=True, help_text="webhook: the HMAC-SHA256 key (write-only)")
+    events = models.JSONField(default=list, blank=True, help_text="event names to send; empty: all of them")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["environment", "name"]
+        constraints = [models.UniqueConstraint(fields=["environment", "name"], name="one_channel_per_name")]
+
+    def __str__(self):
+        return f"{self.environment_id}:{self.name}"
+
+
+class Notification(models.Model):
+    """One event to tell people about, written in the same transaction as the
+    change it reports (an outbox): `key` makes the event itself once-only."""
+
+    key = models.CharField(max_length=200, unique=True, help_text="what makes the event once-only, e.g. gate.opened:<step>:<n>")
+    event = models.CharField(max_length=40, db_index=True)
+    environment = models.ForeignKey(Environment, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    release = models.ForeignKey(Release, null=True, blank=True, on_delete=models.CASCADE, related_name="notifications")
+    payload = models.JSONField(default=dict)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+
+class Delivery(models.Model):
+    """One notification to one channel: at least once, and once as a rule.
+    `sending` holds a lease: a worker that dies mid-send leaves it to expire,
+    and the sweep sends again."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENDING = "sending"
+        SENT = "sent"
+        FAILED = "failed"  # gave up after the last attempt
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, help_text="X-Greenlight-Delivery")
+    notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.ForeignKey(NotificationChannel, null=True, on_delete=models.SET_NULL, related_name="deliveries")
+    channel_name = models.CharField(max_length=100, help_text="kept when the channel is deleted")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["notification", "channel"], name="one_delivery_per_channel")]
