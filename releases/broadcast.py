@@ -1,4 +1,6 @@
-"""Messages to the Channels group `release-<id>`, for every browser watching."""
+"""Messages to the Channels groups browsers listen on: `release-<id>` (a
+release page: status events and log lines) and `releases` (every dashboard:
+status events of every release, never log lines)."""
 
 from __future__ import annotations
 
@@ -33,34 +35,76 @@ def _event_loop() -> asyncio.AbstractEventLoop:
         return _loop[1]
 
 
+DASHBOARD = "releases"  # every dashboard: each release's status changes
+
+
 def group(release_id: int) -> str:
     return f"release-{release_id}"
 
 
-def send(release_id: int, message: dict) -> None:
+def send(release_id: int, message: dict, *, dashboard: dict | None = None, **extra) -> None:
+    """`message` to the release's page; `dashboard`, when given, to every dashboard
+    too (both sent at once: one wait, not two). `extra` rides along for the
+    consumers (a gate's step id) and is not passed to the browser."""
     layer = get_channel_layer()
     if layer is None:
         return
     try:
-        sending = layer.group_send(group(release_id), {"type": "release.event", "event": message})
-        asyncio.run_coroutine_threadsafe(sending, _event_loop()).result(SEND_TIMEOUT)
+        sends = [layer.group_send(group(release_id), {"type": "release.event", "event": message, **extra})]
+        if dashboard is not None:
+            sends.append(layer.group_send(DASHBOARD, {"type": "release.event", "event": dashboard, **extra}))
+        asyncio.run_coroutine_threadsafe(_all(sends), _event_loop()).result(SEND_TIMEOUT)
     except Exception as exc:  # the database has it; a browser back-fills what it missed
         log.warning("could not broadcast to release %s: %s", release_id, exc)
+
+
+async def _all(sends) -> None:
+    await asyncio.gather(*sends)
 
 
 def release_changed(release_id: int) -> None:
     from .models import Release
 
     status = Release.objects.values_list("status", flat=True).get(pk=release_id)
-    send(release_id, {"type": "release", "id": release_id, "status": status})
+    event = {"type": "release", "id": release_id, "status": status}
+    send(release_id, event, dashboard=event)
 
 
 def step_changed(release_id: int, step_id: int) -> None:
     from .models import Step
 
     step = Step.objects.get(pk=step_id)
-    send(release_id, {"type": "gate" if step.kind == "gate" else "step", "key": step.key, "status": step.status, "attempts": step.attempts, "error": step.error})
+    kind = "gate" if step.kind == "gate" else "step"
+    send(release_id, {"type": kind, "key": step.key, "status": step.status, "attempts": step.attempts, "error": step.error},
+         dashboard={"type": kind, "release": release_id, "key": step.key, "status": step.status}, step=step_id)
 
 
 def log_lines(release_id: int, lines: list[dict]) -> None:
     send(release_id, {"type": "log", "lines": lines})
+
+
+def gate_notice(user, step_id: int) -> dict | None:
+    """What to tell `user` about gate `step_id` having opened, if it is still open and
+    they may decide it (the environment's groups for this gate, and not their own
+    release under four eyes): the browser shows it as a notification. None: nothing."""
+    from django.urls import reverse
+
+    from . import permissions
+    from .models import Step
+
+    step = (Step.objects.select_related("release__environment", "release__requested_by")
+            .filter(pk=step_id, kind=Step.Kind.GATE, status=Step.Status.AWAITING_APPROVAL).first())
+    if step is None or user is None or not user.is_authenticated:
+        return None
+    release = step.release
+    if not permissions.may_decide_gate(user, release.environment, step.key):
+        return None
+    if release.plan.get("environment", {}).get("four_eyes") and release.requested_by_id == user.pk:
+        return None
+    return {
+        "type": "notify", "release": release.pk, "gate": step.key,
+        "title": f"Release #{release.pk} waits for you: {step.key}",
+        "body": f"{release.environment.name} {release.revision}, started by {release.requested_by.get_username()}",
+        "url": reverse("release", args=[release.pk]),
+        "tag": f"gate-{release.pk}-{step.key}-{step.attempts}",  # one notification, however many pages are open
+    }

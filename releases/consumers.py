@@ -1,4 +1,4 @@
-"""The live release feed: `/ws/releases/<id>/`.
+"""The live feeds: a release's at `/ws/releases/<id>/`, the dashboard's at `/ws/dashboard/`.
 
 A browser may send {"after": seq}; it gets every stored line after seq, then
 live events. It joins the group before replaying, so nothing falls between
@@ -9,6 +9,13 @@ sends (not JSON, binary, not an object, a bad `after`) is answered with
 When the channel layer (Redis) stops answering, the socket is closed with
 4503 (unavailable) and one warning, not a traceback: the page reconnects by
 itself, and its {"after": seq} fills in what it missed.
+
+The dashboard's feed carries every release's status events (no log lines);
+the page refreshes its fragment over HTTP on each, so it never polls.
+
+On both, when a gate opens, a person who may decide it (broadcast.gate_notice)
+also gets {"type": "notify", ...}: the page shows it in the page and, if they
+allowed it, as a system notification.
 """
 
 import json
@@ -26,7 +33,10 @@ USAGE = 'send {"after": <seq>} to replay the log'
 UNAVAILABLE = 4503  # like 4403 and 4404: an HTTP status in 4000-4999, the close codes left to applications
 
 
-class ReleaseConsumer(AsyncJsonWebsocketConsumer):
+class Feed(AsyncJsonWebsocketConsumer):
+    """What both feeds share: a closed, not crashed, socket when Redis is away;
+    events passed on; a notice to whoever may decide a gate that opened."""
+
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
@@ -38,6 +48,16 @@ class ReleaseConsumer(AsyncJsonWebsocketConsumer):
             except Exception:  # the browser went first
                 pass
 
+    async def release_event(self, message):
+        event = message["event"]
+        await self.send_json(event)
+        if event.get("type") == "gate" and event.get("status") == "awaiting_approval" and message.get("step"):
+            notice = await database_sync_to_async(broadcast.gate_notice)(self.scope.get("user"), message["step"])
+            if notice is not None:
+                await self.send_json(notice)
+
+
+class ReleaseConsumer(Feed):
     async def connect(self):
         self.release_id = int(self.scope["url_route"]["kwargs"]["release_id"])
         user = self.scope.get("user")
@@ -91,5 +111,23 @@ class ReleaseConsumer(AsyncJsonWebsocketConsumer):
             after = page["next"]
         await self.send_json({"type": "replayed", "seq": after})
 
-    async def release_event(self, message):
-        await self.send_json(message["event"])
+
+class DashboardConsumer(Feed):
+    """Every release's status events, for the dashboard; it sends nothing, and
+    what it is sent is ignored."""
+
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not await database_sync_to_async(permissions.can_view)(user):
+            await self.close(code=4403)
+            return
+        self.joined = True
+        await self.channel_layer.group_add(broadcast.DASHBOARD, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code):
+        if getattr(self, "joined", False):
+            await self.channel_layer.group_discard(broadcast.DASHBOARD, self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        pass

@@ -1,4 +1,5 @@
-// Small things every page needs: local times, and confirmations.
+// Small things every page needs: local times, running durations, confirmations,
+// and a refresh of a server-rendered fragment that never overlaps itself.
 (function () {
   "use strict";
   function localTimes(root) {
@@ -13,6 +14,54 @@
   document.addEventListener("DOMContentLoaded", function () { localTimes(document); });
   document.addEventListener("htmx:afterSettle", function (event) { localTimes(event.target); });
   window.greenlightLocalTimes = localTimes;
+
+  // "how long so far" (<time data-since datetime=...>), as the server's `duration`
+  // filter writes it ('1:02', '3h 04m'), kept current in the browser: no request
+  function duration(seconds) {
+    if (seconds < 3600) return Math.floor(seconds / 60) + ":" + String(seconds % 60).padStart(2, "0");
+    return Math.floor(seconds / 3600) + "h " + String(Math.floor(seconds % 3600 / 60)).padStart(2, "0") + "m";
+  }
+  function tick() {
+    var now = Date.now();
+    document.querySelectorAll("time[data-since]").forEach(function (el) {
+      var since = Date.parse(el.getAttribute("datetime"));
+      if (!isNaN(since)) el.textContent = duration(Math.max(0, Math.floor((now - since) / 1000)));
+    });
+  }
+  setInterval(tick, 1000);
+
+  // Refresh the fragment `selector` from `url` (the server answers an htmx
+  // request with the fragment alone), on demand, e.g. once per websocket
+  // event. A burst of demands costs at most two requests: one in flight,
+  // one queued. The target is looked up when its response arrives, never
+  // before: an element replaced by the previous refresh is not a target any
+  // more (htmx.ajax's own queue keeps the element it was given, and swapped
+  // the newer answer into a detached one).
+  window.greenlightRefresher = function (url, selector) {
+    var busy = false, again = false;
+    var counter = { requests: 0 };
+    function run() {
+      if (busy) { again = true; return; }
+      busy = true;
+      counter.requests++;
+      fetch(url, { credentials: "same-origin", headers: { "HX-Request": "true" } })
+        .then(function (response) {
+          if (!response.ok || response.redirected) throw new Error("the refresh answered " + response.status);
+          return response.text();
+        })
+        .then(function (html) {
+          var target = document.querySelector(selector);
+          if (target && window.htmx) htmx.swap(target, html, { swapStyle: "outerHTML", swapDelay: 0, settleDelay: 0 });
+        })
+        .catch(function (error) { console.warn(error.message || error); })  // the next event (or reconnect) tries again
+        .then(function () {
+          busy = false;
+          if (again) { again = false; run(); }
+        });
+    }
+    run.counter = counter;
+    return run;
+  };
 
   // a form (or the button that submits it) may ask "are you sure?" first
   document.addEventListener("submit", function (event) {

@@ -122,13 +122,11 @@
     schedule();
   });
 
-  function refreshPanel() {
-    if (window.htmx) {
-      htmx.ajax("GET", root.dataset.panelUrl, { target: "#panel", swap: "outerHTML" });
-    }
-  }
-  // the title follows the panel once its new content is in place (htmx.ajax's
-  // promise can resolve before the swap, and then read the old panel)
+  // one request in flight and one queued, however many events come; each
+  // answer goes into the panel that is there when it arrives
+  var refreshPanel = window.greenlightRefresher(root.dataset.panelUrl, "#panel");
+  state.panelRefreshes = refreshPanel.counter;
+  // the title follows the panel once its new content is in place
   document.body.addEventListener("htmx:afterSettle", retitle);
 
   function retitle() {
@@ -152,6 +150,7 @@
       if (message.type === "log") receive(message.lines);
       else if (message.type === "replayed") stateLabel.textContent = "live";
       else if (message.type === "step" || message.type === "gate" || message.type === "release") refreshPanel();
+      else if (message.type === "notify" && window.greenlightNotify) window.greenlightNotify(message);
     };
     socket.onclose = function () {
       stateLabel.textContent = "reconnecting…";
