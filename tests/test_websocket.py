@@ -127,3 +127,93 @@ async def test_a_bad_after_names_the_field(release):
 
     assert (await communicator.receive_json_from(timeout=5))["field"] == "after"
     await communicator.disconnect()
+
+
+# -- the dashboard's feed: /ws/dashboard/ ------------------------------------------------
+
+
+def dashboard(*headers):
+    return WebsocketCommunicator(application, "/ws/dashboard/", headers=[(b"host", b"127.0.0.1:8000"), *headers])
+
+
+async def _signed_in(communicator_for, user):
+    from asgiref.sync import sync_to_async
+
+    communicator = communicator_for(ORIGIN, await sync_to_async(session_cookie)(user))
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def test_the_dashboard_feed_refuses_a_stranger_and_another_origin():
+    from asgiref.sync import sync_to_async
+
+    stranger = dashboard(ORIGIN)
+    assert not (await stranger.connect())[0]
+    no_role = await sync_to_async(person)("nora")  # signed in, but holds no role
+    assert not (await dashboard(ORIGIN, await sync_to_async(session_cookie)(no_role)).connect())[0]
+    vic = await sync_to_async(person)("vic", "viewer")
+    assert not (await dashboard((b"origin", b"http://evil.example"), await sync_to_async(session_cookie)(vic)).connect())[0]
+
+
+async def test_the_dashboard_feed_brings_every_release_s_status_changes_but_no_log(release):
+    from asgiref.sync import sync_to_async
+
+    from releases import transitions
+
+    communicator = await _signed_in(dashboard, await sync_to_async(person)("vic", "viewer"))
+    step = await sync_to_async(release.steps.get)(key="launch")
+
+    await sync_to_async(broadcast.log_lines)(release.pk, [{"seq": 2501, "text": "not for dashboards"}])
+    assert await sync_to_async(transitions.step)(step.pk, "start", release_id=release.pk)
+
+    # the log line went to the release's page only: the first thing here is the step's move
+    assert await communicator.receive_json_from(timeout=5) == {"type": "step", "release": release.pk, "key": "launch", "status": "running"}
+    await sync_to_async(broadcast.release_changed)(release.pk)
+    assert await communicator.receive_json_from(timeout=5) == {"type": "release", "id": release.pk, "status": "cancelled"}
+    await communicator.disconnect()
+
+
+async def test_an_open_gate_is_announced_to_those_who_may_decide_it_only(release):
+    """ravi may decide it; dana started the release (four eyes); vic only views;
+    omar approves, but not in this environment's verify group."""
+    from asgiref.sync import sync_to_async
+    from django.contrib.auth.models import Group
+
+    from releases import transitions
+
+    def groups():
+        managers = Group.objects.create(name="release-managers")
+        release.environment.verify_groups.add(managers)
+        ravi = person("ravi", "approver")
+        ravi.groups.add(managers)
+        release.requested_by.groups.add(managers)  # dana may decide gates here, but not her own release's
+        return ravi, release.requested_by, person("vic", "viewer"), person("omar", "approver")
+
+    ravi, dana, vic, omar = await sync_to_async(groups)()
+    watching = {
+        "ravi (dashboard)": await _signed_in(dashboard, ravi),
+        "ravi (release page)": await _signed_in(lambda *h: connect(release.pk, *h), ravi),
+        "dana": await _signed_in(dashboard, dana),
+        "vic": await _signed_in(dashboard, vic),
+        "omar": await _signed_in(dashboard, omar),
+    }
+    gate = await sync_to_async(release.steps.get)(key="verify_directly")
+
+    assert await sync_to_async(transitions.step)(gate.pk, "open", release_id=release.pk)
+    await sync_to_async(broadcast.release_changed)(release.pk)  # a marker: what comes before it, comes
+
+    told = {}
+    for who, communicator in watching.items():
+        assert (await communicator.receive_json_from(timeout=5))["type"] == "gate"
+        told[who] = []
+        while (message := await communicator.receive_json_from(timeout=5))["type"] != "release":
+            told[who].append(message)
+        await communicator.disconnect()
+
+    notice = {
+        "type": "notify", "release": release.pk, "gate": "verify_directly",
+        "title": f"Release #{release.pk} waits for you: verify_directly",
+        "body": "prepan v2, started by dana", "url": f"/releases/{release.pk}/", "tag": f"gate-{release.pk}-verify_directly-0",
+    }
+    assert told == {"ravi (dashboard)": [notice], "ravi (release page)": [notice], "dana": [], "vic": [], "omar": []}
