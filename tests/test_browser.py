@@ -8,6 +8,7 @@ temporary folder: a test run never changes tracked files.
 
 import csv
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,20 +18,41 @@ import pytest
 from releases import services
 from releases.models import Release
 from tests.helpers import wait_for
-from tests.release_helpers import person, revisions_behind
+from tests.release_helpers import person, revisions_behind, start, wait_status
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
 SHOTS = Path(os.environ.get("SCREENSHOTS") or tempfile.mkdtemp(prefix="greenlight-screenshots-"))
 LONG = 150_000  # ms: a whole bake on the sandbox takes under a minute
 
 
-def sign_in(browser, base: str, username: str):
+# Every system notification a page shows, in window.shownNotifications (the
+# browser's own Notification does the rest: its permission, asking for it)
+NOTIFICATION_SPY = """(() => {
+  const Real = window.Notification, shown = [];
+  window.shownNotifications = shown;
+  if (!Real) return;
+  window.Notification = class {
+    constructor(title, options) { shown.push({title: title, body: (options || {}).body, tag: (options || {}).tag}); }
+    close() {}
+    static get permission() { return Real.permission; }
+    static requestPermission(callback) { return Real.requestPermission(callback); }
+  };
+})();"""
+
+
+def sign_in(browser, base: str, username: str, *, notifications: bool = False):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    if notifications:
+        context.grant_permissions(["notifications"], origin=base)
+    context.add_init_script(NOTIFICATION_SPY)
     page = context.new_page()
-    # what the Content-Security-Policy refused (it must refuse nothing of ours), and the websockets opened under it
-    page.csp_violations, page.websockets = [], []
+    # what the Content-Security-Policy refused (it must refuse nothing of ours), the websockets opened under it,
+    # what came over them, and every refresh of the dashboard's fragment
+    page.csp_violations, page.websockets, page.ws_messages, page.dashboard_refreshes = [], [], [], []
     page.on("console", lambda message: "Content Security Policy" in message.text and page.csp_violations.append(message.text))
-    page.on("websocket", lambda socket: page.websockets.append(socket.url))
+    page.on("websocket", lambda socket: (page.websockets.append(socket.url),
+                                         socket.on("framereceived", lambda payload: page.ws_messages.append(json.loads(payload)))))
+    page.on("request", lambda request: request.url == f"{base}/" and request.headers.get("hx-request") and page.dashboard_refreshes.append(request))
     page.goto(f"{base}/accounts/login/")
     page.fill("#id_username", username)
     page.fill("#id_password", "a-long-passphrase")
@@ -177,3 +199,113 @@ def test_rejecting_asks_first_and_then_rolls_back(release_sandbox, web_server, b
     ravi.click("button.reject")
     ravi.wait_for_selector(".release-status .status-rolled_back", timeout=LONG)
     assert revisions_behind(environment.public_url) == {before}
+
+
+def live(page) -> None:
+    """The dashboard is connected, and its first refresh (on connecting) is in."""
+    wait_in(page, "greenlightDashboard.socket.readyState === WebSocket.OPEN && greenlightDashboard.refresh.idle()"
+                  " && greenlightDashboard.refresh.counter.requests >= 1", 30)
+
+
+def test_a_gate_that_opens_is_announced_to_who_may_decide_it_on_a_live_dashboard(release_sandbox, web_server, browser):
+    environment = services.environment_import_sandbox(info=release_sandbox.info)
+    before = revisions_behind(environment.public_url).pop()
+    dana = person("dana", "deployer", "approver")
+    person("ravi", "approver")
+    person("vic", "viewer")
+    # all three allowed notifications: only ravi may decide dana's gates (four eyes), vic only views
+    pages = {who: sign_in(browser, web_server, who, notifications=True) for who in ("ravi", "dana", "vic")}
+    for page in pages.values():
+        live(page)
+        page.evaluate("window.sameDocument = true")  # gone if the page reloads
+    assert pages["ravi"].evaluate("Notification.permission") == "granted"
+    assert pages["ravi"].is_hidden("#notify-offer")  # granted already: nothing to offer
+
+    # idle, nothing polls (it used to ask every 5 s)
+    refreshes = {who: len(page.dashboard_refreshes) for who, page in pages.items()}
+    pages["vic"].wait_for_timeout(6000)
+    assert {who: len(page.dashboard_refreshes) for who, page in pages.items()} == refreshes
+
+    release_id = start(dana, "v2" if before == "v1" else "v1")
+    ravi = pages["ravi"]
+    ravi_release = ravi.context.new_page()  # ravi has the release page open too
+    ravi_release.goto(f"{web_server}/releases/{release_id}/")
+
+    title = f"Release #{release_id} waits for you: verify_directly"
+    for page in (ravi, ravi_release):
+        page.wait_for_selector(f"#notices .notice:has-text('{title}')", timeout=LONG)
+    assert ravi.get_attribute("#notices .notice a", "href") == f"/releases/{release_id}/"
+    assert "started by dana" in ravi.inner_text("#notices .notice")
+    tag = f"gate-{release_id}-verify_directly-0"  # one tag: the system shows one, however many pages are open
+    body = f"prepan {Release.objects.get(pk=release_id).revision}, started by dana"
+    for page in (ravi, ravi_release):
+        assert page.evaluate("window.shownNotifications") == [{"title": title, "body": body, "tag": tag}]
+
+    # every dashboard shows the gate without a reload; dana's and vic's heard of it and were told nothing
+    row = f"#dashboard tr:has(a[href='/releases/{release_id}/'])"
+    for who, page in pages.items():
+        page.wait_for_selector(f"{row} .status-awaiting_approval", timeout=30_000)
+        assert page.evaluate("window.sameDocument") is True, who
+        assert {"type": "gate", "release": release_id, "key": "verify_directly", "status": "awaiting_approval"} in page.ws_messages, who
+    opened = {"type": "release", "id": release_id, "status": "awaiting_approval"}
+    wait_in(pages["vic"], "true", 1)  # the page's events, in
+    wait_for(lambda: opened in pages["dana"].ws_messages and opened in pages["vic"].ws_messages, 30, 0.2, "the release's event")
+    for who in ("dana", "vic"):  # a feed sends its notice right after the gate's event, before the release's
+        assert [m for m in pages[who].ws_messages if m["type"] == "notify"] == [], who
+        assert pages[who].evaluate("window.shownNotifications") == [], who
+        assert pages[who].locator("#notices .notice").count() == 0, who
+    wait_in(ravi, "document.title.startsWith('(1) Dashboard')", 10)  # the refreshed fragment retitles the tab
+    assert f"Release #{release_id}" in ravi.inner_text("#dashboard .waiting")
+    shoot(ravi, "dashboard-gate-notice")
+
+    services.gate_reject(release=Release.objects.get(pk=release_id), key="verify_directly", actor=person("omar", "approver"),
+                         comment="leave the sandbox as it was")
+    wait_status(release_id, "rolled_back", timeout=LONG / 1000)
+    for page in pages.values():
+        page.wait_for_selector(f"#dashboard table tr:has(a[href='/releases/{release_id}/']) .status-rolled_back", timeout=30_000)
+        assert page.evaluate("window.sameDocument") is True
+    assert all(page.csp_violations == [] for page in [*pages.values(), ravi_release])
+
+
+def test_the_notifications_offer_is_made_once_to_approvers_only(web_server, browser):
+    person("omar", "approver")
+    person("vic", "viewer")
+    vic = sign_in(browser, web_server, "vic")
+    assert vic.locator("#notify-offer").count() == 0  # a viewer decides nothing
+    assert vic.locator("#notices[role=status][aria-live=polite]").count() == 1  # where notices would go
+
+    omar = sign_in(browser, web_server, "omar")
+    omar.wait_for_selector("#notify-offer button:has-text('Turn on notifications')")
+    omar.click("#notify-later")
+    assert omar.is_hidden("#notify-offer")
+    assert omar.evaluate("localStorage.getItem('greenlight.notifications')") == "later"
+    omar.reload()
+    live(omar)
+    assert omar.is_hidden("#notify-offer")  # never nags
+    assert omar.evaluate("window.shownNotifications") == []
+
+    # and the other answer: asked once, remembered whatever the browser says
+    omar.evaluate("localStorage.clear()")
+    omar.reload()
+    omar.click("#notify-on")
+    wait_in(omar, "localStorage.getItem('greenlight.notifications') !== null", 10)
+    omar.reload()
+    live(omar)
+    assert omar.is_hidden("#notify-offer")
+    assert omar.csp_violations == vic.csp_violations == []
+
+
+def test_a_burst_of_events_costs_the_dashboard_two_requests_and_lands_in_the_page(web_server, browser):
+    person("vic", "viewer")
+    vic = sign_in(browser, web_server, "vic")
+    live(vic)
+    before = len(vic.dashboard_refreshes)
+    # a swap into the page's own fragment settles there (one into a replaced, detached one would not reach the document)
+    vic.evaluate("window.swapped = 0; document.addEventListener('htmx:afterSettle', e => { if (e.target.id === 'dashboard' && e.target.isConnected) window.swapped++ })")
+
+    vic.evaluate("for (let i = 0; i < 20; i++) greenlightDashboard.refresh()")
+    wait_in(vic, "greenlightDashboard.refresh.idle() && window.swapped >= 2", 10)
+
+    assert len(vic.dashboard_refreshes) - before == 2  # one in flight, one queued: never one per event
+    assert vic.evaluate("window.swapped") == 2  # and the queued one's answer replaced the first one's, in the page
+    assert vic.locator("#dashboard").count() == 1 and vic.locator("#dashboard h2#active").count() == 1

@@ -8,7 +8,7 @@
   if (!root) return;
   var label = document.getElementById("dashboard-state");
   var refresh = window.greenlightRefresher(root.dataset.refreshUrl, "#dashboard");
-  var state = { socket: null, retry: 500, refreshes: refresh.counter };
+  var state = { socket: null, retry: 500, refresh: refresh };
   window.greenlightDashboard = state;
 
   function connect() {

@@ -60,6 +60,7 @@
         });
     }
     run.counter = counter;
+    run.idle = function () { return !busy; };
     return run;
   };
 
