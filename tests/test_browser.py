@@ -40,19 +40,23 @@ NOTIFICATION_SPY = """(() => {
 })();"""
 
 
-def sign_in(browser, base: str, username: str, *, notifications: bool = False):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    if notifications:
-        context.grant_permissions(["notifications"], origin=base)
-    context.add_init_script(NOTIFICATION_SPY)
-    page = context.new_page()
-    # what the Content-Security-Policy refused (it must refuse nothing of ours), the websockets opened under it,
-    # what came over them, and every refresh of the dashboard's fragment
+def watched(page, base: str):
+    """What the Content-Security-Policy refused (it must refuse nothing of ours), the websockets opened
+    under it, what came over them, and every refresh of the dashboard's fragment."""
     page.csp_violations, page.websockets, page.ws_messages, page.dashboard_refreshes = [], [], [], []
     page.on("console", lambda message: "Content Security Policy" in message.text and page.csp_violations.append(message.text))
     page.on("websocket", lambda socket: (page.websockets.append(socket.url),
                                          socket.on("framereceived", lambda payload: page.ws_messages.append(json.loads(payload)))))
     page.on("request", lambda request: request.url == f"{base}/" and request.headers.get("hx-request") and page.dashboard_refreshes.append(request))
+    return page
+
+
+def sign_in(browser, base: str, username: str, *, notifications: bool = False):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    if notifications:
+        context.grant_permissions(["notifications"], origin=base)
+    context.add_init_script(NOTIFICATION_SPY)
+    page = watched(context.new_page(), base)
     page.goto(f"{base}/accounts/login/")
     page.fill("#id_username", username)
     page.fill("#id_password", "a-long-passphrase")
@@ -228,7 +232,7 @@ def test_a_gate_that_opens_is_announced_to_who_may_decide_it_on_a_live_dashboard
 
     release_id = start(dana, "v2" if before == "v1" else "v1")
     ravi = pages["ravi"]
-    ravi_release = ravi.context.new_page()  # ravi has the release page open too
+    ravi_release = watched(ravi.context.new_page(), web_server)  # ravi has the release page open too
     ravi_release.goto(f"{web_server}/releases/{release_id}/")
 
     title = f"Release #{release_id} waits for you: verify_directly"
@@ -248,8 +252,9 @@ def test_a_gate_that_opens_is_announced_to_who_may_decide_it_on_a_live_dashboard
         assert page.evaluate("window.sameDocument") is True, who
         assert {"type": "gate", "release": release_id, "key": "verify_directly", "status": "awaiting_approval"} in page.ws_messages, who
     opened = {"type": "release", "id": release_id, "status": "awaiting_approval"}
-    wait_in(pages["vic"], "true", 1)  # the page's events, in
-    wait_for(lambda: opened in pages["dana"].ws_messages and opened in pages["vic"].ws_messages, 30, 0.2, "the release's event")
+    # (a call into the browser lets Playwright deliver the events it has received)
+    wait_for(lambda: pages["vic"].evaluate("1") and opened in pages["dana"].ws_messages and opened in pages["vic"].ws_messages,
+             30, 0.2, "the release's event")
     for who in ("dana", "vic"):  # a feed sends its notice right after the gate's event, before the release's
         assert [m for m in pages[who].ws_messages if m["type"] == "notify"] == [], who
         assert pages[who].evaluate("window.shownNotifications") == [], who
