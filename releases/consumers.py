@@ -18,6 +18,7 @@ also gets {"type": "notify", ...}: the page shows it in the page and, if they
 allowed it, as a system notification.
 """
 
+import asyncio
 import json
 import logging
 
@@ -31,6 +32,9 @@ from .models import Release
 log = logging.getLogger(__name__)
 USAGE = 'send {"after": <seq>} to replay the log'
 UNAVAILABLE = 4503  # like 4403 and 4404: an HTTP status in 4000-4999, the close codes left to applications
+# channels-redis drops a group's member a day after it joined (group_expiry), silently: a dashboard
+# left open on a wall would stop hearing anything. A feed joins again, well within that.
+REJOIN_SECONDS = 3600
 
 
 class Feed(AsyncJsonWebsocketConsumer):
@@ -47,6 +51,28 @@ class Feed(AsyncJsonWebsocketConsumer):
                 await send({"type": "websocket.close", "code": UNAVAILABLE})
             except Exception:  # the browser went first
                 pass
+        finally:
+            if getattr(self, "rejoining", None) is not None:
+                self.rejoining.cancel()
+
+    async def join(self, group: str) -> None:
+        self.joined = group
+        await self.channel_layer.group_add(group, self.channel_name)
+        self.rejoining = asyncio.ensure_future(self._rejoin())
+
+    async def _rejoin(self) -> None:
+        while True:
+            await asyncio.sleep(REJOIN_SECONDS)
+            try:
+                await self.channel_layer.group_add(self.joined, self.channel_name)
+            except (RedisError, OSError) as exc:  # the next try, or the page's reconnect, mends it
+                log.warning("a feed could not renew its place in %s (%s)", self.joined, type(exc).__name__)
+
+    async def leave(self) -> None:
+        if getattr(self, "rejoining", None) is not None:
+            self.rejoining.cancel()
+        if getattr(self, "joined", None):
+            await self.channel_layer.group_discard(self.joined, self.channel_name)
 
     async def release_event(self, message):
         event = message["event"]
@@ -67,12 +93,11 @@ class ReleaseConsumer(Feed):
         if not await database_sync_to_async(Release.objects.filter(pk=self.release_id).exists)():
             await self.close(code=4404)
             return
-        await self.channel_layer.group_add(broadcast.group(self.release_id), self.channel_name)
+        await self.join(broadcast.group(self.release_id))
         await self.accept()
 
     async def disconnect(self, code):
-        if hasattr(self, "release_id"):
-            await self.channel_layer.group_discard(broadcast.group(self.release_id), self.channel_name)
+        await self.leave()
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         if text_data is None:
@@ -121,13 +146,11 @@ class DashboardConsumer(Feed):
         if user is None or not await database_sync_to_async(permissions.can_view)(user):
             await self.close(code=4403)
             return
-        self.joined = True
-        await self.channel_layer.group_add(broadcast.DASHBOARD, self.channel_name)
+        await self.join(broadcast.DASHBOARD)
         await self.accept()
 
     async def disconnect(self, code):
-        if getattr(self, "joined", False):
-            await self.channel_layer.group_discard(broadcast.DASHBOARD, self.channel_name)
+        await self.leave()
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         pass

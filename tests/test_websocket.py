@@ -217,3 +217,20 @@ async def test_an_open_gate_is_announced_to_those_who_may_decide_it_only(release
         "body": "prepan v2, started by dana", "url": f"/releases/{release.pk}/", "tag": f"gate-{release.pk}-verify_directly-0",
     }
     assert told == {"ravi (dashboard)": [notice], "ravi (release page)": [notice], "dana": [], "vic": [], "omar": []}
+
+
+async def test_a_feed_left_open_keeps_its_place_in_the_group_past_the_layer_s_expiry(settings):
+    """channels-redis forgets a group's member `group_expiry` after it joined; an open feed joins again."""
+    from asgiref.sync import sync_to_async
+
+    from releases import consumers
+
+    layer = settings.CHANNEL_LAYERS["default"]
+    settings.CHANNEL_LAYERS = {"default": {**layer, "CONFIG": {**layer["CONFIG"], "group_expiry": 2}}}
+    with mock.patch.object(consumers, "REJOIN_SECONDS", 0.5):
+        communicator = await _signed_in(dashboard, await sync_to_async(person)("vic", "viewer"))
+        await communicator.receive_nothing(timeout=4)  # twice the expiry, quietly
+
+        await sync_to_async(broadcast.send)(1, {"type": "release"}, dashboard={"type": "release", "id": 1, "status": "running"})
+        assert await communicator.receive_json_from(timeout=5) == {"type": "release", "id": 1, "status": "running"}
+        await communicator.disconnect()
