@@ -353,6 +353,11 @@ SSH_TRUST_FIRST_CONTACT = env.bool("SSH_TRUST_FIRST_CONTACT", default=False)
 # The sandbox writes its endpoints here (`manage.py sandbox`).
 SANDBOX_FILE = VAR_DIR / "sandbox.json"
 
+# Mail (notifications): EMAIL_URL, e.g. smtp://user:password@host:587 or
+# submission://... for STARTTLS; `make demo` points it at the sandbox's inbox.
+EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
+vars().update(EMAIL_CONFIG)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -207,6 +207,7 @@ class Inbox:
                 has_html, html_body = True, part.get_content()
         except (LookupError, ValueError, AttributeError):  # an unknown charset, a malformed part
             body = content.decode(errors="replace")
+        body, html_body = (text.replace("\r\n", "\n") for text in (body, html_body))  # SMTP's line ends, as a reader shows them
         return self.record({
             "kind": "email",
             "from": str(message.get("From") or mail_from),
