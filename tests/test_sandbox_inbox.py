@@ -115,7 +115,7 @@ def test_it_keeps_an_email_a_slack_message_and_webhooks_and_shows_them_escaped(s
     assert ours["webhook"]["secret"] not in sandbox.log.read_text()
 
 
-def test_django_mail_reaches_the_catcher(sandbox, settings):
+def test_django_mail_reaches_the_catcher(sandbox):
     """What Greenlight's own mail goes through (EMAIL_URL=smtp://...) speaks with the catcher."""
     from django.core import mail
 

@@ -587,7 +587,7 @@ def render_page(messages: list[dict], *, kind: str | None, smtp: tuple[str, int]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="refresh" content="5">
+<meta http-equiv="refresh" content="10">
 <title>Sandbox inbox ({len(messages)})</title>
 <style>{STYLE}</style></head>
 <body><div class="top"><h1>Sandbox inbox</h1><span class="where">{where}</span></div>
