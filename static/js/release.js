@@ -122,13 +122,18 @@
     schedule();
   });
 
+  // Into #panel-slot, which no swap replaces: a refresh asked for while one is
+  // on its way waits in htmx's queue (the last one asked for) with the target
+  // it was given. Targeting #panel itself, that target was the panel the
+  // earlier refresh swapped out of the page, and the later answer (a gate
+  // that opened, the release rolled back) went nowhere.
   function refreshPanel() {
     if (window.htmx) {
-      htmx.ajax("GET", root.dataset.panelUrl, { target: "#panel", swap: "outerHTML" });
+      htmx.ajax("GET", root.dataset.panelUrl, { target: "#panel-slot", swap: "innerHTML" });
     }
   }
   // the title follows the panel once its new content is in place (htmx.ajax's
-  // promise can resolve before the swap, and then read the old panel)
+  // promise resolves at once for a queued refresh, before its swap)
   document.body.addEventListener("htmx:afterSettle", retitle);
 
   function retitle() {
