@@ -112,7 +112,8 @@ def step_moved(step_id: int, release_id: int, action: str, *, change: StatusChan
     if event == "gate.decided":
         extra = {"decision": DECISIONS[action],
                  "comment": _comment(step_id, action, reason, actor) if comment is None else comment}
-    _guarded(lambda: gate_event(step, event, actor=actor, key=f"{event}:{step.pk}:{change.pk}", channels=channels, **extra))
+    # a gate opens and is decided once (a rejected or expired one rolls its release back): once-only by the gate
+    _guarded(lambda: gate_event(step, event, actor=actor, channels=channels, **extra))
 
 
 def gate_event(step: Step, event: str, *, actor=None, **extra) -> Notification | None:
