@@ -352,7 +352,7 @@ SSH_TRUST_FIRST_CONTACT = env.bool("SSH_TRUST_FIRST_CONTACT", default=False)
 
 # Notifications (releases/notifications.py): links in them point at GREENLIGHT_URL,
 # the dashboard's address as people reach it. Email goes through Django's mail
-# settings, from EMAIL_URL (smtp://user:password@host:587 with +tls or +ssl, or
+# settings, from EMAIL_URL (smtp://user:password@host:587, smtp+tls:// for STARTTLS, smtp+ssl:// for TLS; or
 # consolemail://, the default: messages are written to the worker's output, so
 # a laptop sends nothing by surprise). Slack and webhook posts time out after
 # NOTIFY_CONNECT_TIMEOUT s to connect and NOTIFY_TIMEOUT s in all, so a dead
