@@ -75,6 +75,7 @@ GATE_RELEASE_STATUS = {"gate.opened": Release.Status.AWAITING_APPROVAL, "approve
                        "rejected": Release.Status.ROLLING_BACK, "expired": Release.Status.ROLLING_BACK}
 
 LEASE = timedelta(seconds=120)  # a send takes at most NOTIFY_TIMEOUT; past this its worker is taken for dead
+CLOCK_SKEW = timedelta(seconds=1)  # a worker whose clock is a little behind still takes a delivery that is due
 NUDGE_GRACE = timedelta(seconds=5)  # a due delivery's own message gets this long before the sweep queues another
 SWEEP_BATCH = 500
 ERROR_LIMIT = 500
@@ -409,12 +410,17 @@ def deliver(delivery_id: int) -> float | None:
     """Send one delivery if it is due and nobody else is sending it. Returns
     the seconds until it should be tried again, or None (sent, given up, or not ours)."""
     now = timezone.now()
-    claimed = Delivery.objects.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now), pk=delivery_id,
+    due = now + CLOCK_SKEW
+    claimed = Delivery.objects.filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=due), pk=delivery_id,
                                       status=Delivery.Status.PENDING).update(status=Delivery.Status.SENDING,
                                                                              lease_expires_at=now + LEASE)
     if not claimed:
         return None  # sent, given up, at work elsewhere, or not due yet (its own message, or the sweep, comes then)
     delivery = Delivery.objects.select_related("notification", "channel").get(pk=delivery_id)
+    if delivery.channel is None:
+        return _failed(delivery, "the channel was deleted", final=True)
+    if not delivery.channel.enabled and delivery.notification.event != TEST:
+        return _failed(delivery, "the channel was disabled", final=True)
     try:
         send(delivery)
     except AdapterError as exc:
@@ -431,10 +437,6 @@ def deliver(delivery_id: int) -> float | None:
 def send(delivery: Delivery) -> None:
     """Send `delivery` in its channel's format (AdapterError when it did not go)."""
     channel, payload = delivery.channel, delivery.notification.payload
-    if channel is None:
-        raise AdapterError("the channel was deleted")
-    if not channel.enabled and delivery.notification.event != TEST:
-        raise AdapterError("the channel is disabled")
     if channel.kind == NotificationChannel.Kind.EMAIL:
         subject, text, html = email_message(payload)
         recipients = [r.strip() for r in channel.recipients.split(",") if r.strip()]
@@ -450,13 +452,13 @@ def send(delivery: Delivery) -> None:
         raise AdapterError(f"unknown channel kind {channel.kind!r}")
 
 
-def _failed(delivery: Delivery, error: str) -> float | None:
+def _failed(delivery: Delivery, error: str, *, final: bool = False) -> float | None:
     channel = delivery.channel
     for secret in (channel.url, channel.secret) if channel is not None else ():
         if secret:
             error = error.replace(secret, "[redacted]")
     attempts = delivery.attempts + 1
-    final = attempts >= max_attempts(delivery)
+    final = final or attempts >= max_attempts(delivery)
     delay = backoff(attempts)
     updated = Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.SENDING).update(
         status=Delivery.Status.FAILED if final else Delivery.Status.PENDING, attempts=F("attempts") + 1,

@@ -333,6 +333,20 @@ def test_a_receiver_that_is_down_is_tried_again_with_a_backoff_then_given_up_on_
 
 
 @pytest.mark.django_db
+def test_a_delivery_to_a_channel_deleted_or_disabled_since_is_given_up_on_at_once(release):
+    kept = NotificationChannel.objects.create(environment=release.environment, name="kept", kind="email", recipients="a@example.com")
+    gone = NotificationChannel.objects.create(environment=release.environment, name="gone", kind="email", recipients="b@example.com")
+    open_gate(release)
+    gone.delete()
+    NotificationChannel.objects.filter(pk=kept.pk).update(enabled=False)
+
+    for delivery in Delivery.objects.all():
+        assert notifications.deliver(delivery.pk) is None
+    assert sorted(Delivery.objects.values_list("channel_name", "status", "attempts", "last_error")) == [
+        ("gone", "failed", 1, "the channel was deleted"), ("kept", "failed", 1, "the channel was disabled")]
+
+
+@pytest.mark.django_db
 def test_a_delivery_whose_worker_died_mid_send_is_sent_again_and_a_sent_one_never(release, receiver, received):
     NotificationChannel.objects.create(environment=release.environment, name="hook", kind="webhook",
                                        url=receiver.url + "/hook", secret=HOOK_SECRET)
