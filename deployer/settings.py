@@ -354,7 +354,8 @@ SSH_TRUST_FIRST_CONTACT = env.bool("SSH_TRUST_FIRST_CONTACT", default=False)
 # the dashboard's address as people reach it. Email goes through Django's mail
 # settings, from EMAIL_URL (smtp://user:password@host:587, smtp+tls:// for STARTTLS, smtp+ssl:// for TLS; or
 # consolemail://, the default: messages are written to the worker's output, so
-# a laptop sends nothing by surprise). Slack and webhook posts time out after
+# a laptop sends nothing by surprise; `make demo` points it at the sandbox's
+# inbox). Slack and webhook posts time out after
 # NOTIFY_CONNECT_TIMEOUT s to connect and NOTIFY_TIMEOUT s in all, so a dead
 # receiver never holds a worker long. A failed delivery is tried again after
 # NOTIFY_RETRY_SECONDS, doubling up to NOTIFY_RETRY_MAX_SECONDS, and given up

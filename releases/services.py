@@ -20,7 +20,7 @@ from deployer.errors import AdapterError
 
 
 from . import audit, logs, permissions, plan, tasks, transitions
-from .models import Approval, Environment, Installation, Recipe, RecipeChange, Release, Step
+from .models import Approval, Environment, Installation, NotificationChannel, Recipe, RecipeChange, Release, Step
 
 R, S = Release.Status, Step.Status
 
@@ -355,9 +355,27 @@ def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None 
     }
     environment, created = Environment.objects.update_or_create(name=info["environment"], defaults=fields)
     environment.full_clean()
+    channels = _sandbox_channels(environment, info.get("inbox") or {})
     audit.record("environment.import" if created else "environment.update", actor=actor, source_ip=source_ip,
-                 environment=environment, target=environment.name, source="sandbox")
+                 environment=environment, target=environment.name, source="sandbox",
+                 **({"channels": channels} if channels else {}))
     return environment
+
+
+def _sandbox_channels(environment: Environment, inbox: dict) -> list[str]:
+    """Point the environment's notifications at the sandbox's inbox: its mail
+    catcher, Slack and webhook receivers. Where they go is (re)set, since a
+    restarted sandbox may answer elsewhere; which events and whether a channel
+    is enabled stay as a person left them. Returns the channels' names."""
+    names = []
+    for channel in (inbox.get("channels") or {}).get(environment.name, []):
+        NotificationChannel.objects.update_or_create(
+            environment=environment, name=channel["name"],
+            defaults={"kind": channel["kind"], "recipients": channel.get("recipients", ""),
+                      "url": channel.get("url", ""), "secret": channel.get("secret", "")},
+        )
+        names.append(channel["name"])
+    return names
 
 
 def environment_ssh_config_export(*, environment: Environment, actor, source_ip: str | None = None) -> bytes:
