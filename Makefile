@@ -38,9 +38,9 @@ demo: install
 test: install-dev lint browser
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
-## Refresh the README's screenshots (the browser test, writing to docs/screenshots/)
+## Refresh the README's screenshots (the browser tests, writing to docs/screenshots/)
 screenshots: install-dev browser
-	SCREENSHOTS=$(CURDIR)/docs/screenshots DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest tests/test_browser.py -k clicked_through
+	SCREENSHOTS=$(CURDIR)/docs/screenshots DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest tests/test_browser.py tests/test_sandbox_inbox.py -k "clicked_through or in_a_browser"
 
 ## Measure the whole pipeline on the sandbox: prints one table, writes it to var/bench.json (about 10 minutes)
 bench: install-dev

@@ -350,6 +350,35 @@ PREFLIGHT_TIMEOUT = env.float("PREFLIGHT_TIMEOUT", default=120.0)
 # that address first is believed), so off unless an administrator says so.
 SSH_TRUST_FIRST_CONTACT = env.bool("SSH_TRUST_FIRST_CONTACT", default=False)
 
+# Notifications (releases/notifications.py): links in them point at GREENLIGHT_URL,
+# the dashboard's address as people reach it. Email goes through Django's mail
+# settings, from EMAIL_URL (smtp://user:password@host:587, smtp+tls:// for STARTTLS, smtp+ssl:// for TLS; or
+# consolemail://, the default: messages are written to the worker's output, so
+# a laptop sends nothing by surprise; `make demo` points it at the sandbox's
+# inbox). Slack and webhook posts time out after
+# NOTIFY_CONNECT_TIMEOUT s to connect and NOTIFY_TIMEOUT s in all, so a dead
+# receiver never holds a worker long. A failed delivery is tried again after
+# NOTIFY_RETRY_SECONDS, doubling up to NOTIFY_RETRY_MAX_SECONDS, and given up
+# on after NOTIFY_ATTEMPTS tries.
+GREENLIGHT_URL = env.str("GREENLIGHT_URL", default="http://127.0.0.1:8000")
+vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
+EMAIL_TIMEOUT = env.float("EMAIL_TIMEOUT", default=10.0)
+NOTIFY_FROM = env.str("NOTIFY_FROM", default="Greenlight <greenlight@localhost>")
+NOTIFY_CONNECT_TIMEOUT = env.float("NOTIFY_CONNECT_TIMEOUT", default=3.0)
+NOTIFY_TIMEOUT = env.float("NOTIFY_TIMEOUT", default=10.0)
+NOTIFY_RETRY_SECONDS = env.float("NOTIFY_RETRY_SECONDS", default=5.0)
+NOTIFY_RETRY_MAX_SECONDS = env.float("NOTIFY_RETRY_MAX_SECONDS", default=300.0)
+NOTIFY_ATTEMPTS = env.int("NOTIFY_ATTEMPTS", default=6)
+if not GREENLIGHT_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(f"GREENLIGHT_URL is {GREENLIGHT_URL!r}: the dashboard's address, such as https://greenlight.example.com")
+if not NOTIFY_ATTEMPTS >= 1:
+    raise ImproperlyConfigured(f"NOTIFY_ATTEMPTS is {NOTIFY_ATTEMPTS}: a notification needs at least 1 attempt")
+if not (0 < NOTIFY_CONNECT_TIMEOUT <= NOTIFY_TIMEOUT and EMAIL_TIMEOUT > 0):
+    raise ImproperlyConfigured("NOTIFY_CONNECT_TIMEOUT, NOTIFY_TIMEOUT and EMAIL_TIMEOUT must be above 0 seconds, "
+                               "and NOTIFY_CONNECT_TIMEOUT no more than NOTIFY_TIMEOUT")
+if not 0 < NOTIFY_RETRY_SECONDS <= NOTIFY_RETRY_MAX_SECONDS:
+    raise ImproperlyConfigured("NOTIFY_RETRY_SECONDS must be above 0 and no more than NOTIFY_RETRY_MAX_SECONDS")
+
 # The sandbox writes its endpoints here (`manage.py sandbox`).
 SANDBOX_FILE = VAR_DIR / "sandbox.json"
 

@@ -39,7 +39,7 @@ from django.utils import timezone
 from deployer import aws
 from deployer.errors import AdapterError
 
-from . import audit, broadcast, cleanup, plan, steps, transitions
+from . import audit, broadcast, cleanup, notifications, plan, steps, transitions
 from .logs import LogWriter
 from .models import Environment, Release, Step
 
@@ -461,14 +461,17 @@ def end_rollback(release: Release) -> None:
 
 
 def sweep() -> dict:
-    """Hand steps whose worker died back; reject gates past their deadline;
-    find waits that are due; terminate what releases left stopped (the old
-    fleet of a succeeded one, the new one of a rolled-back one) past their
-    retention (releases/cleanup.py).
-    Returns what it did and `nudge`: the releases to advance now."""
+    """Hand steps whose worker died back; remind of gates that close soon and
+    reject gates past their deadline; find waits that are due; terminate what
+    releases left stopped (the old fleet of a succeeded one, the new one of a
+    rolled-back one) past their retention (releases/cleanup.py); take back
+    notifications whose worker died mid-send.
+    Returns what it did, `nudge`: the releases to advance now, and `deliver`:
+    the deliveries to queue now."""
     now = timezone.now()
     nudge: set[int] = set()
     requeued = expired = 0
+    deliver, notified = notifications.sweep(now)  # reminders first: a gate past its deadline is expired below
     for step in Step.objects.filter(status=S.RUNNING, lease_expires_at__lt=now).exclude(lease_owner=""):
         # the worker's own id names the machine and process that went quiet (it died, was
         # cut off, or lost the database for longer than it tries to hand the step back)
@@ -487,4 +490,5 @@ def sweep() -> dict:
     nudge.update(Release.objects.filter(status__in=(R.QUEUED, R.RUNNING, R.ROLLING_BACK)).exclude(
         steps__status=S.RUNNING).values_list("pk", flat=True))
     terminated = cleanup.terminate_retired(now)
-    return {"requeued": requeued, "expired": expired, "terminated": terminated, "nudge": sorted(nudge)}
+    return {"requeued": requeued, "expired": expired, "terminated": terminated, **notified, "nudge": sorted(nudge),
+            "deliver": deliver}

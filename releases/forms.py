@@ -3,7 +3,7 @@ import json
 from django import forms
 
 from . import permissions, plan
-from .models import Environment, Recipe
+from .models import Environment, NotificationChannel, Recipe
 from .services import COMMENT_LIMIT
 
 
@@ -171,3 +171,106 @@ class PasswordConfirmForm(forms.Form):
         if authenticate(self.request, username=user.get_username(), password=password) != user:
             raise forms.ValidationError("That is not your password.", code="wrong_password")
         return password
+
+
+class ChannelForm(forms.ModelForm):
+    """A notification channel. Its URL and secret are credentials: write-only,
+    as a password is. The form never shows them back; left empty on an edit,
+    the stored ones stay."""
+
+    events = forms.MultipleChoiceField(
+        required=False, widget=forms.CheckboxSelectMultiple,
+        help_text="what to send; none ticked: every event")
+    url = forms.CharField(
+        required=False, max_length=1000, label="URL", widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+        help_text="Slack: the incoming webhook's URL; webhook: where to POST. Write-only: it is never shown again, "
+                  "and left empty on an edit the stored one stays.")
+    secret = forms.CharField(
+        required=False, max_length=200, widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+        help_text="webhook: the key of its X-Greenlight-Signature (HMAC-SHA256), at least 16 characters. Write-only: it is "
+                  "never shown again, and left empty on an edit the stored one stays.")
+
+    class Meta:
+        model = NotificationChannel
+        fields = ["name", "kind", "recipients", "url", "secret", "events", "enabled"]
+        widgets = {"recipients": forms.TextInput()}
+
+    def __init__(self, *args, environment, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .notifications import EVENTS
+
+        self.environment = environment
+        self.instance.environment = environment
+        self.fields["events"].choices = [(name, f"{name}: {what}") for name, what in EVENTS.items()]
+        self.fields["recipients"].help_text = "email: addresses, separated by commas"
+        if self.instance.pk:
+            self.fields["url"].help_text = ("(a URL is set) " if self.instance.url else "") + self.fields["url"].help_text
+            self.fields["secret"].help_text = ("(a secret is set) " if self.instance.secret else "") + self.fields["secret"].help_text
+        self.stored = {"url": self.instance.url, "secret": self.instance.secret}
+
+    def clean_name(self):
+        name = self.cleaned_data["name"].strip()
+        taken = NotificationChannel.objects.filter(environment=self.environment, name=name).exclude(pk=self.instance.pk)
+        if taken.exists():
+            raise forms.ValidationError(f"{self.environment.name} has a channel named {name} already.")
+        return name
+
+    def clean_recipients(self):
+        from django.core.validators import validate_email
+
+        addresses = [a.strip() for a in self.cleaned_data["recipients"].split(",") if a.strip()]
+        for address in addresses:
+            try:
+                validate_email(address)
+            except forms.ValidationError:
+                raise forms.ValidationError(f"{address[:100]!r} is not an email address.") from None
+        return ", ".join(addresses)
+
+    def clean_url(self):
+        from django.core.validators import URLValidator
+
+        url = self.cleaned_data["url"].strip()
+        if url:
+            try:
+                URLValidator(schemes=["http", "https"])(url)
+            except forms.ValidationError:
+                # never echo it: it is a credential
+                raise forms.ValidationError("That is not an http:// or https:// URL (it is not shown here: it may be a secret).") from None
+        return url
+
+    def clean_secret(self):
+        secret = self.cleaned_data["secret"]
+        if secret and len(secret) < 16:
+            raise forms.ValidationError("A secret needs at least 16 characters.")
+        return secret
+
+    def clean(self):
+        data = super().clean()
+        kind = data.get("kind")
+        # empty keeps what is stored; a kind that does not use one stores none
+        url = data.get("url") or self.stored["url"]
+        secret = data.get("secret") or self.stored["secret"]
+        if kind == NotificationChannel.Kind.EMAIL:
+            url = secret = ""
+            if "recipients" in data and not data["recipients"]:
+                self.add_error("recipients", "An email channel needs at least one address.")
+        elif kind in (NotificationChannel.Kind.SLACK, NotificationChannel.Kind.WEBHOOK):
+            data["recipients"] = ""
+            if not url and "url" not in self.errors:
+                self.add_error("url", f"A {kind} channel needs a URL.")
+            if kind == NotificationChannel.Kind.SLACK:
+                secret = ""
+            elif not secret and "secret" not in self.errors:
+                self.add_error("secret", "A webhook needs a secret: its receivers verify the signature with it.")
+        data["url"], data["secret"] = url, secret
+        return data
+
+    def _post_clean(self):
+        super()._post_clean()
+        # the model's own values, so that an empty write-only field keeps the stored one
+        if "url" in self.cleaned_data:
+            self.instance.url = self.cleaned_data["url"]
+        if "secret" in self.cleaned_data:
+            self.instance.secret = self.cleaned_data["secret"]
+        if "recipients" in self.cleaned_data:
+            self.instance.recipients = self.cleaned_data["recipients"]

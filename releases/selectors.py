@@ -328,3 +328,15 @@ def person_actions(release: Release, steps: list[Step]) -> set[str]:
     if release.state.get("old_terminated"):
         actions.discard("rollback")
     return actions
+
+
+def deliveries(*, environment: Environment | None = None, release: Release | None = None, limit: int = 50) -> list:
+    """The latest deliveries of an environment's or a release's notifications, newest first."""
+    from .models import Delivery
+
+    rows = Delivery.objects.select_related("notification").order_by("-created_at", "-id")
+    if environment is not None:
+        rows = rows.filter(notification__environment=environment)
+    if release is not None:
+        rows = rows.filter(notification__release=release)
+    return list(rows[:limit])

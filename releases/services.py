@@ -20,7 +20,7 @@ from deployer.errors import AdapterError
 
 
 from . import audit, logs, permissions, plan, tasks, transitions
-from .models import Approval, Environment, Installation, Recipe, RecipeChange, Release, Step
+from .models import Approval, Environment, Installation, NotificationChannel, Recipe, RecipeChange, Release, Step
 
 R, S = Release.Status, Step.Status
 
@@ -355,9 +355,27 @@ def environment_import_sandbox(*, info: dict, actor=None, source_ip: str | None 
     }
     environment, created = Environment.objects.update_or_create(name=info["environment"], defaults=fields)
     environment.full_clean()
+    channels = _sandbox_channels(environment, info.get("inbox") or {})
     audit.record("environment.import" if created else "environment.update", actor=actor, source_ip=source_ip,
-                 environment=environment, target=environment.name, source="sandbox")
+                 environment=environment, target=environment.name, source="sandbox",
+                 **({"channels": channels} if channels else {}))
     return environment
+
+
+def _sandbox_channels(environment: Environment, inbox: dict) -> list[str]:
+    """Point the environment's notifications at the sandbox's inbox: its mail
+    catcher, Slack and webhook receivers. Where they go is (re)set, since a
+    restarted sandbox may answer elsewhere; which events and whether a channel
+    is enabled stay as a person left them. Returns the channels' names."""
+    names = []
+    for channel in (inbox.get("channels") or {}).get(environment.name, []):
+        NotificationChannel.objects.update_or_create(
+            environment=environment, name=channel["name"],
+            defaults={"kind": channel["kind"], "recipients": channel.get("recipients", ""),
+                      "url": channel.get("url", ""), "secret": channel.get("secret", "")},
+        )
+        names.append(channel["name"])
+    return names
 
 
 def environment_ssh_config_export(*, environment: Environment, actor, source_ip: str | None = None) -> bytes:
@@ -385,6 +403,67 @@ def _sandbox_bastion(bastion: dict | None) -> dict:
         return {"bastion_host": "", "bastion_port": 22, "bastion_user": "", "bastion_key_file": "", "bastion_host_key": ""}
     return {"bastion_host": bastion["host"], "bastion_port": bastion["port"], "bastion_user": bastion["user"],
             "bastion_key_file": bastion["key_file"], "bastion_host_key": bastion["host_key"]}
+
+
+# -- notification channels (issue 11): where release data is sent is a maintainer's decision
+
+
+def _channel_values(channel, *, before: dict | None = None) -> dict:
+    """A channel's fields for the audit, its URL and secret only as "set", "changed" or "" (they are credentials)."""
+    values = configuration_values(channel)
+    values.pop("created_at", None)
+    for name in ("url", "secret"):
+        value = values.pop(name)
+        if not value:
+            values[name] = ""
+        elif before is not None and before.get(f"_{name}") not in (None, value):
+            values[name] = "(set; changed)"
+        else:
+            values[name] = "(set)"
+    return values
+
+
+@transaction.atomic
+def channel_save(*, form, actor, source_ip: str | None = None):
+    """Add or change an environment's notification channel from its (validated) form."""
+    if not permissions.can_maintain(actor):
+        raise NotAllowed("changing notification channels needs the maintainer role: they say where release data is sent")
+    from .models import NotificationChannel
+
+    created = form.instance.pk is None
+    before = {}
+    if not created:
+        stored = NotificationChannel.objects.select_for_update().get(pk=form.instance.pk)
+        before = {**_channel_values(stored), "_url": stored.url, "_secret": stored.secret}
+    channel = form.save()
+    after = _channel_values(channel, before=before)
+    before = {k: v for k, v in before.items() if not k.startswith("_")}
+    audit.record(f"channel.{'create' if created else 'update'}", actor=actor, source_ip=source_ip,
+                 environment=channel.environment, target=f"{channel.environment.name} {channel.name}",
+                 changed=sorted(k for k in after if after[k] != before.get(k)), diff=configuration_diff(before, after))
+    return channel
+
+
+@transaction.atomic
+def channel_delete(*, channel, actor, source_ip: str | None = None) -> None:
+    if not permissions.can_maintain(actor):
+        raise NotAllowed("deleting a notification channel needs the maintainer role")
+    audit.record("channel.delete", actor=actor, source_ip=source_ip, environment=channel.environment,
+                 target=f"{channel.environment.name} {channel.name}", kind=channel.kind)
+    channel.delete()  # its deliveries stay, by the channel's name
+
+
+@transaction.atomic
+def channel_test(*, channel, actor, source_ip: str | None = None):
+    """A "test" notification to `channel` alone, queued once this commits; the Delivery, to watch."""
+    from . import notifications
+
+    if not (permissions.can_maintain(actor) or permissions.may_deploy_in(actor, channel.environment)):
+        raise NotAllowed("sending a test notification needs the deployer or maintainer role")
+    delivery = notifications.test_event(channel, actor=actor)
+    audit.record("channel.test", actor=actor, source_ip=source_ip, environment=channel.environment,
+                 target=f"{channel.environment.name} {channel.name}", delivery=str(delivery.uuid))
+    return delivery
 
 
 def configuration_values(obj) -> dict:

@@ -10,7 +10,7 @@ from celery import shared_task
 from django.conf import settings
 from kombu.exceptions import OperationalError
 
-from . import cleanup, engine, preflight
+from . import cleanup, engine, notifications, preflight
 from .models import Environment
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,31 @@ def sweep() -> dict:
     result = engine.sweep()
     for release_id in result["nudge"]:
         nudge(release_id)
-    return {**result, "nudge": len(result["nudge"])}
+    for delivery_id in result["deliver"]:
+        queue_delivery(delivery_id)
+    return {**result, "nudge": len(result["nudge"]), "deliver": len(result["deliver"])}
+
+
+def queue_delivery(delivery_id: int, *, countdown: float | None = None) -> bool:
+    """Queue `deliver`; False when the broker cannot take it now (the sweep queues it again once it can)."""
+    try:
+        if countdown is None:
+            deliver.delay(delivery_id)
+        else:
+            deliver.apply_async((delivery_id,), countdown=countdown)
+    except OperationalError as exc:
+        log.warning("could not queue delivery %s (the sweep will when the broker is back): %s", delivery_id,
+                    type(exc).__name__)
+        return False
+    return True
+
+
+@shared_task(acks_late=True)
+def deliver(delivery_id: int) -> None:
+    """Send one notification to one channel (releases/notifications.py); a failure comes back after its backoff."""
+    delay = notifications.deliver(delivery_id)
+    if delay is not None:
+        queue_delivery(delivery_id, countdown=delay)
 
 
 PREFLIGHT_REPLY = "greenlight:preflight:"  # + a random id: the list a worker pushes its answer to

@@ -8,14 +8,16 @@ still in the status the move starts from (and, for a leased step, still
 held by the caller); when no row changes, another worker process got there
 first and the caller backs off. Every move is also a `StatusChange` row
 (from, to, reason, who), and status events go out to the browser after the
-commit, never before.
+commit, never before. A move that people are told about (a gate opens or is
+decided, a release ends or fails) records its notification in the same
+transaction (releases/notifications.py: an outbox).
 """
 
 from __future__ import annotations
 
 from django.db import transaction
 
-from . import broadcast, plan
+from . import broadcast, notifications, plan
 from .models import Release, StatusChange, Step
 
 R, S = Release.Status, Step.Status
@@ -85,26 +87,25 @@ def too_late_to_cancel_reason(release_id: int) -> str:
 
 
 def _move(model, table, pk: int, action: str, *, extra_filter: dict, release_id, step_id, reason: str, actor,
-          fields: dict) -> bool:
+          fields: dict) -> StatusChange | None:
     from django.utils import timezone
 
     # Read, then update only if still there: a race costs a second look, never a wrong move.
     for _ in range(3):
         current = model.objects.filter(pk=pk, **extra_filter).values_list("status", flat=True).first()
         if current is None or action not in table.get(current, {}):
-            return False
+            return None
         to = table[current][action]
         values = dict(fields)
         if model is Release and to in ENDINGS:
             values.setdefault("finished_at", timezone.now())
         if model.objects.filter(pk=pk, status=current, **extra_filter).update(status=to, **values):
-            StatusChange.objects.create(
+            return StatusChange.objects.create(
                 release_id=release_id if release_id is not None else pk, step_id=step_id, action=action,
                 from_status=current, to_status=to, reason=reason[:2000], actor=actor,
                 actor_name=actor.get_username() if actor is not None else "greenlight",
             )
-            return True
-    return False
+    return None
 
 
 def release(release_id: int, action: str, *, reason: str = "", actor=None, **fields) -> bool:
@@ -112,15 +113,18 @@ def release(release_id: int, action: str, *, reason: str = "", actor=None, **fie
     with transaction.atomic():
         changed = _move(Release, RELEASE_MOVES, release_id, action, extra_filter={}, release_id=release_id,
                         step_id=None, reason=reason, actor=actor, fields=fields)
+        if changed:
+            notifications.release_moved(release_id, action, changed.to_status, change=changed, actor=actor)
     if changed:
         transaction.on_commit(lambda: broadcast.release_changed(release_id))
-    return changed
+    return changed is not None
 
 
 def step(step_id: int, action: str, *, held_by: str | None = None, reason: str = "", actor=None,
-         release_id: int | None = None, **fields) -> bool:
+         release_id: int | None = None, comment: str | None = None, **fields) -> bool:
     """Move a step by `action`; `held_by`: only if this worker still holds its lease.
-    `release_id`: the step's release, when the caller knows it (one query fewer)."""
+    `release_id`: the step's release, when the caller knows it (one query fewer).
+    `comment`: a gate decision's comment, for its notification (else read from `reason`)."""
     if release_id is None:
         release_id = Step.objects.values_list("release_id", flat=True).filter(pk=step_id).first()
         if release_id is None:
@@ -129,9 +133,11 @@ def step(step_id: int, action: str, *, held_by: str | None = None, reason: str =
     with transaction.atomic():
         changed = _move(Step, STEP_MOVES, step_id, action, extra_filter=extra, release_id=release_id,
                         step_id=step_id, reason=reason, actor=actor, fields=fields)
+        if changed:
+            notifications.step_moved(step_id, release_id, action, change=changed, reason=reason, actor=actor, comment=comment)
     if changed:
         transaction.on_commit(lambda: broadcast.step_changed(release_id, step_id))
-    return changed
+    return changed is not None
 
 
 def created(release_obj: Release, *, actor=None) -> None:

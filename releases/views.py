@@ -25,9 +25,9 @@ from django.views.decorators.http import require_POST
 from deployer.errors import AdapterError
 
 from . import permissions, plan, selectors, services, tokens
-from .forms import (AuditFilterForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, ImportLookupForm, OptionsForm,
-                    PasswordConfirmForm, RecipeForm, RevisionForm)
-from .models import Environment, Recipe, RecipeChange, Release
+from .forms import (AuditFilterForm, ChannelForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, ImportLookupForm,
+                    OptionsForm, PasswordConfirmForm, RecipeForm, RevisionForm)
+from .models import Environment, NotificationChannel, Recipe, RecipeChange, Release
 
 WIZARD = "release_wizard"
 WIZARD_STEPS = ("environment", "revision", "options", "review")
@@ -93,6 +93,7 @@ def environment_detail(request, name: str):
         "environment": environment, "instances": instances, "aws_error": error,
         "cleanup": selectors.cleanup_schedule(environment),
         "can_deploy": permissions.can_deploy(request.user), "can_configure": permissions.can_configure(request.user),
+        **_notifications_context(request, environment),
     })
 
 
@@ -110,6 +111,7 @@ def environment_preflight(request, name: str):
         "environment": environment, "instances": instances, "aws_error": error, "checks": checks,
         "failed": services.preflight_failed(checks),
         "can_deploy": True, "can_configure": permissions.can_configure(request.user),
+        **_notifications_context(request, environment),
     })
 
 
@@ -125,6 +127,76 @@ def environment_ssh_config(request, name: str):
     response = HttpResponse(data, content_type="application/zip")
     response["Content-Disposition"] = f'attachment; filename="greenlight-{environment.name}-ssh.zip"'
     return response
+
+
+# -- notification channels ---------------------------------------------------------------
+
+
+def _notifications_context(request, environment: Environment) -> dict:
+    user = request.user
+    return {
+        "channels": list(environment.channels.all()),
+        "deliveries": selectors.deliveries(environment=environment, limit=20),
+        "can_maintain": permissions.can_maintain(user),
+        "can_test_channels": permissions.can_maintain(user) or permissions.may_deploy_in(user, environment),
+    }
+
+
+@maintainer
+def channel_edit(request, name: str, channel_id: int | None = None):
+    """Add or change a channel; its URL and secret are write-only (ChannelForm)."""
+    environment = get_object_or_404(Environment, name=name)
+    channel = get_object_or_404(NotificationChannel, pk=channel_id, environment=environment) if channel_id else None
+    form = ChannelForm(request.POST or None, instance=channel, environment=environment)
+    if request.method == "POST" and form.is_valid():
+        try:
+            saved = services.channel_save(form=form, actor=request.user, source_ip=client_ip(request))
+        except services.ServiceError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Saved the channel {saved.name}.")
+            return redirect("environment", name=environment.name)
+    title = f"{environment.name}: edit the channel {channel.name}" if channel else f"{environment.name}: add a notification channel"
+    return render(request, "releases/form.html", {"form": form, "title": title})
+
+
+@maintainer
+@require_POST
+def channel_delete(request, name: str, channel_id: int):
+    channel = get_object_or_404(NotificationChannel.objects.select_related("environment"), pk=channel_id, environment__name=name)
+    services.channel_delete(channel=channel, actor=request.user, source_ip=client_ip(request))
+    messages.success(request, f"Deleted the channel {channel.name}; its deliveries stay listed.")
+    return redirect("environment", name=name)
+
+
+TEST_POLL_SECONDS = 0.2
+
+
+@configurer
+@require_POST
+def channel_test(request, name: str, channel_id: int):
+    """Send test: a worker sends it, as it sends every notification; the page
+    waits for the one attempt a test gets (at most the send's own deadline)."""
+    channel = get_object_or_404(NotificationChannel.objects.select_related("environment"), pk=channel_id, environment__name=name)
+    try:
+        delivery = services.channel_test(channel=channel, actor=request.user, source_ip=client_ip(request))
+    except services.ServiceError as exc:
+        return HttpResponseForbidden(render(request, "403.html", {"needed": str(exc)}).content) \
+            if isinstance(exc, services.NotAllowed) else HttpResponse(str(exc), status=exc.status)
+    deadline = time.monotonic() + max(settings.NOTIFY_TIMEOUT, settings.EMAIL_TIMEOUT) + 5
+    while True:
+        delivery.refresh_from_db()
+        if delivery.status in (delivery.Status.SENT, delivery.Status.FAILED) or time.monotonic() > deadline:
+            break
+        time.sleep(TEST_POLL_SECONDS)
+    if delivery.status == delivery.Status.SENT:
+        messages.success(request, f"Sent a test to {channel.name}.")
+    elif delivery.status == delivery.Status.FAILED:
+        messages.error(request, f"The test to {channel.name} failed: {delivery.last_error}")
+    else:
+        messages.warning(request, f"The test to {channel.name} is queued, and no worker has sent it yet: "
+                                  "its delivery below says what happens to it.")
+    return redirect("environment", name=name)
 
 
 def _edit(request, model, form_class, name: str | None, title: str, done, extra: dict | None = None, **form_options):
@@ -366,6 +438,7 @@ def _panel_context(request, release_id: int) -> dict:
         "failed_step": next((s for s in steps if s.status == "failed"), None),
         "actions": selectors.person_actions(release, steps),
         "history": list(release.history.all()),
+        "deliveries": selectors.deliveries(release=release),
     }
 
 

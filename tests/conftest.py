@@ -7,7 +7,7 @@ import sys
 import pytest
 from django.conf import settings
 
-from tests.helpers import ROOT, SandboxProcess, child_environ, wait_for
+from tests.helpers import ROOT, SandboxProcess, child_environ, free_port, wait_for
 
 # The sandbox's repository is a file:// URL: allowed here, as `make demo` does,
 # for this process (settings are loaded already) and the workers, web servers
@@ -29,6 +29,14 @@ settings.PREFLIGHT_BEFORE_RELEASE = False
 os.environ.setdefault("GREENLIGHT_TEST_API_TOKEN", secrets.token_urlsafe(24))
 os.environ.setdefault("GLREDACT_ACCESS_KEY_ID", "AKIA" + "".join(secrets.choice(string.ascii_uppercase) for _ in range(16)))
 os.environ.setdefault("GLREDACT_SECRET_ACCESS_KEY", secrets.token_urlsafe(30))
+
+# Notifications (tests/test_notifications.py): the workers and web servers the
+# tests start send mail to an SMTP server that test runs on this port, and try
+# a failed delivery again soon, three times in all. (This process's own mail
+# goes to pytest-django's outbox.)
+os.environ.setdefault("EMAIL_URL", f"smtp://127.0.0.1:{free_port()}")
+os.environ.setdefault("NOTIFY_RETRY_SECONDS", "0.3")
+os.environ.setdefault("NOTIFY_ATTEMPTS", "3")
 
 
 _db_blocker = None

@@ -90,7 +90,7 @@ class SandboxProcess:
             sys.executable, str(ROOT / "manage.py"), "sandbox",
             "--directory", str(self.directory / "state"),
             "--file", str(self.file),
-            "--aws-port", "0", "--lb-port", "0",
+            "--aws-port", "0", "--lb-port", "0", "--smtp-port", "0", "--inbox-port", "0",
             "--network", self.network,
             "--health-interval", "0.2",
             "--draining-timeout", str(self.draining_timeout),

@@ -208,6 +208,49 @@ def test_rejecting_asks_first_and_then_rolls_back(release_sandbox, web_server, b
     assert revisions_behind(environment.public_url) == {before}
 
 
+def test_a_change_that_comes_while_the_panel_reloads_still_shows(web_server, browser):
+    """Two messages close together: the second one's refresh waits for the
+    first's, and must land in the page (htmx queued it with the panel it was
+    given then, which the first refresh's swap took out of the page)."""
+    from releases import broadcast
+    from releases.models import Environment, Recipe
+
+    recipe = Recipe.objects.create(name="tiny", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
+    environment = Environment.objects.create(
+        name="prepan", region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
+        load_balancer_name="prepan", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
+        ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name="prepan", base_ami="ami-1",
+        repository="file:///nonexistent", recipe=recipe,
+    )
+    viewer = person("vic", "viewer")
+    # finished, so no worker picks it up: only the test changes it
+    release = Release.objects.create(environment=environment, revision="v2", fleet_size=1, plan={"environment": {"four_eyes": True}},
+                                     requested_by=viewer, status="failed")
+    page = sign_in(browser, web_server, "vic")
+    held = []
+    hold = {"on": False}
+    page.route(f"**/releases/{release.pk}/panel/", lambda route: held.append(route) if hold["on"] and not held else route.continue_())
+    page.goto(f"{web_server}/releases/{release.pk}/")
+    wait_in(page, "document.getElementById('log-state').textContent === 'live'", 30)
+    page.wait_for_load_state("networkidle")  # the refresh the socket's opening asked for is in
+    page.evaluate("window.seen = []; greenlightLog.socket.addEventListener('message', function (e) { seen.push(JSON.parse(e.data)); })")
+
+    # the first refresh is held at the server's answer of the moment ("failed")
+    hold["on"] = True
+    broadcast.release_changed(release.pk)
+    wait_for(lambda: page.evaluate("1") and held, 30, 0.2, "the first refresh")
+    answer = held[0].fetch()
+    # meanwhile the release changes, and the page hears of it (its handler ran: the listener above comes after it)
+    Release.objects.filter(pk=release.pk).update(status="rolled_back")
+    broadcast.release_changed(release.pk)
+    wait_in(page, "seen.some(function (m) { return m.status === 'rolled_back'; })", 30)
+
+    held[0].fulfill(response=answer)
+    page.wait_for_selector(".release-status .status-rolled_back", timeout=30_000)
+    assert page.get_attribute("#panel", "data-status") == "rolled_back"
+    assert page.locator("#panel").count() == 1
+
+
 def live(page) -> None:
     """The dashboard is connected, and its first refresh (on connecting) is in."""
     wait_in(page, "greenlightDashboard.socket.readyState === WebSocket.OPEN && greenlightDashboard.refresh.idle()"

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,9 +29,12 @@ def test_the_demo_serves_a_login_and_the_seeded_environment_then_stops_cleanly(t
         "DEMO_REVIEWER_PASSWORD": "reviewer-password-for-tests",
         "SANDBOX_AWS_PORT": "0",
         "SANDBOX_LB_PORT": "0",
+        "SANDBOX_SMTP_PORT": "0",
+        "SANDBOX_INBOX_PORT": "0",
         "SANDBOX_NETWORK": "127.99.0.0/16",
     }
     env.pop("ALLOW_FILE_REPOSITORIES", None)  # the demo allows its sandbox's file:// repository itself
+    env.pop("EMAIL_URL", None)  # the demo points its processes' mail at the sandbox's inbox
     subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)
     log = (tmp_path / "demo.log").open("wb")
     demo = subprocess.Popen([sys.executable, "manage.py", "demo", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -62,6 +66,20 @@ def test_the_demo_serves_a_login_and_the_seeded_environment_then_stops_cleanly(t
         revisions = {requests.get(info["load_balancer_url"], timeout=5).headers["X-Revision"] for _ in range(4)}
         assert revisions == {"v1"}
         assert requests.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
+
+        # notifications: prepan's channels point at the sandbox's inbox, the web server and the
+        # worker mail through its catcher, and the demo says where to read them
+        inbox = info["inbox"]
+        assert f"Notifications the demo sends: {inbox['url']}" in (tmp_path / "demo.log").read_text()
+        assert requests.get(inbox["url"], timeout=5).status_code == 200
+        with sqlite3.connect(tmp_path / "demo.sqlite3") as db:
+            channels = dict(db.execute("SELECT c.kind, c.url FROM releases_notificationchannel c "
+                                       "JOIN releases_environment e ON e.id = c.environment_id WHERE e.name = 'prepan'").fetchall())
+        assert channels == {"email": "", "slack": f"{inbox['url']}slack/prepan", "webhook": f"{inbox['url']}hooks/prepan"}
+        for word in ("daphne", "worker"):
+            [pid] = [pid for pid, cmd in processes_under(tmp_path).items() if word in cmd.split() and os.getpgid(pid) == pid]
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            assert f"EMAIL_URL={inbox['email_url']}".encode() in environ, word
     finally:
         demo.send_signal(signal.SIGINT)
         status = demo.wait(60)
@@ -110,6 +128,8 @@ class Demo:
             # fixed ports, so that a restarted sandbox answers where the first one did
             "SANDBOX_AWS_PORT": str(free_port()),
             "SANDBOX_LB_PORT": self.lb.rsplit(":", 1)[1].strip("/"),
+            "SANDBOX_SMTP_PORT": str(free_port()),
+            "SANDBOX_INBOX_PORT": str(free_port()),
             "SANDBOX_NETWORK": "127.98.0.0/16",
         }
         self.env.pop("ALLOW_FILE_REPOSITORIES", None)

@@ -19,6 +19,7 @@ from .bastion import Bastion
 from .cloud import Cloud
 from .demo_recipe import RECIPE, cookbook_recipe
 from .hosts import Hosts, kill_marked
+from .inbox import Inbox
 from .timings import FAST, Timings
 
 log = logging.getLogger("sandbox")
@@ -54,6 +55,8 @@ class Config:
     time_scale: float = 1.0
     bastion: bool = False  # the instances accept SSH only through a bastion of the sandbox's
     bastion_user: str = "bastion"
+    smtp_port: int = 1025  # the inbox's mail catcher (0 picks a free port)
+    inbox_port: int = 8025  # the inbox's page and its Slack / webhook receiver (0 picks a free port)
 
     @property
     def bastion_address(self) -> str:
@@ -112,6 +115,7 @@ class Sandbox:
         self.ready = asyncio.Event()
         self.bastion: Bastion | None = None
         self.jump = None  # what seeding reaches the instances through: the bastion, if there is one
+        self.inbox = Inbox(directory=config.directory, host=config.host, smtp_port=config.smtp_port, http_port=config.inbox_port)
 
     def _plan(self, index: int, repo_url: str) -> seed.Plan:
         config = self.config
@@ -185,6 +189,11 @@ class Sandbox:
         leftovers = await loop.run_in_executor(None, kill_marked, config.directory, None)
         if leftovers:
             log.warning("ended %d processes left by an earlier sandbox run", leftovers)
+        try:
+            await self.inbox.start()
+        except OSError as exc:
+            log.error("%s", exc)
+            return 1
 
         cloud = Cloud(host=config.host, port=config.aws_port, region=config.region, state_file=config.directory / "aws-state.pickle",
                       timings=config.timings, scale=config.time_scale, aws_behaviour=config.timings_profile == "aws")
@@ -224,8 +233,9 @@ class Sandbox:
                     environment.ids = ids
             self._write_file(endpoint, repo_url, environments, cloud, hosts)
             self.ready.set()
-            log.info("sandbox ready (%s timings, scale %g, %s load balancer): AWS %s, load balancer %s, endpoints in %s",
-                     config.timings_profile, config.time_scale, config.load_balancer, endpoint, balancers[0].url, config.file)
+            log.info("sandbox ready (%s timings, scale %g, %s load balancer): AWS %s, load balancer %s, inbox %s, endpoints in %s",
+                     config.timings_profile, config.time_scale, config.load_balancer, endpoint, balancers[0].url, self.inbox.url,
+                     config.file)
             known, checkpointed = None, time.monotonic()
             while not stop.is_set():  # keep the file's instance list current, and the saved state
                 views = [v for v in cloud.instances() if hosts.ours(v)]
@@ -252,6 +262,7 @@ class Sandbox:
             if self.bastion:
                 await self.bastion.stop()
             cloud.stop()
+            await self.inbox.stop()
             log.info("sandbox stopped")
         return status
 
@@ -319,6 +330,8 @@ class Sandbox:
             "health_path": config.health_path,
             "instance_type": config.instance_type,
             **({"bastion": self.bastion.endpoints()} if self.bastion else {}),
+            # the mail catcher and Slack / webhook receiver, and channels for each environment pointing at them
+            "inbox": self.inbox.endpoints(list(config.environments)),
         }
         entries = [self._environment_entry(shared, e, instances) for e in environments]
         data = {

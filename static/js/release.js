@@ -122,11 +122,18 @@
     schedule();
   });
 
-  // one request in flight and one queued, however many events come; each
-  // answer goes into the panel that is there when it arrives
-  var refreshPanel = window.greenlightRefresher(root.dataset.panelUrl, "#panel");
-  state.panelRefreshes = refreshPanel.counter;
-  // the title follows the panel once its new content is in place
+  // Into #panel-slot, which no swap replaces: a refresh asked for while one is
+  // on its way waits in htmx's queue (the last one asked for) with the target
+  // it was given. Targeting #panel itself, that target was the panel the
+  // earlier refresh swapped out of the page, and the later answer (a gate
+  // that opened, the release rolled back) went nowhere.
+  function refreshPanel() {
+    if (window.htmx) {
+      htmx.ajax("GET", root.dataset.panelUrl, { target: "#panel-slot", swap: "innerHTML" });
+    }
+  }
+  // the title follows the panel once its new content is in place (htmx.ajax's
+  // promise resolves at once for a queued refresh, before its swap)
   document.body.addEventListener("htmx:afterSettle", retitle);
 
   function retitle() {

@@ -26,6 +26,10 @@ class Command(BaseCommand):
         parser.add_argument("--aws-port", type=int, default=default("aws_port", defaults.aws_port), help="0 picks a free port")
         parser.add_argument("--lb-port", type=int, default=default("lb_port", defaults.lb_port),
                             help="the first environment's load balancer; the others get the next ports (0 picks free ports)")
+        parser.add_argument("--smtp-port", type=int, default=default("smtp_port", defaults.smtp_port),
+                            help="the inbox's mail catcher (0 picks a free port)")
+        parser.add_argument("--inbox-port", type=int, default=default("inbox_port", defaults.inbox_port),
+                            help="the inbox's page of received notifications, and its Slack and webhook receiver (0 picks a free port)")
         parser.add_argument("--network", default=default("network", defaults.network), help="loopback CIDR for instance addresses")
         parser.add_argument("--ssh-port", type=int, default=default("ssh_port", defaults.ssh_port))
         parser.add_argument("--app-port", type=int, default=default("app_port", defaults.app_port))
@@ -51,7 +55,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         logging.getLogger("sandbox").setLevel(logging.INFO)
-        for chatty in ("asyncssh", "paramiko", "botocore", "werkzeug"):
+        for chatty in ("asyncssh", "paramiko", "botocore", "werkzeug", "mail.log"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
         asyncssh.set_log_level(logging.WARNING)
         environments = tuple(name.strip() for name in options["environments"].split(",") if name.strip())
@@ -70,6 +74,8 @@ class Command(BaseCommand):
             host=options["host"],
             aws_port=options["aws_port"],
             lb_port=options["lb_port"],
+            smtp_port=options["smtp_port"],
+            inbox_port=options["inbox_port"],
             network=options["network"],
             ssh_port=options["ssh_port"],
             app_port=options["app_port"],

@@ -38,6 +38,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         self.supervisor = Supervisor(on_restart=self._restarted)
         self._sandbox_restarted = False
+        self._own_email_url: str | None = None  # EMAIL_URL as the demo found it
         stopping = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopping.set())
@@ -54,6 +55,7 @@ class Command(BaseCommand):
             if info is None:
                 return
             environment = services.environment_import_sandbox(info=info)
+            inbox = self._mail_to_inbox(info)
             self._start("worker", [*python, "-m", "celery", "-A", "deployer", "worker", "--loglevel", "info", "--concurrency", "2"])
             # beat on its own, never embedded in the worker: killing a worker must not orphan a
             # beat that a restarted worker would then double. The pidfile refuses a second beat
@@ -69,6 +71,7 @@ class Command(BaseCommand):
                 f"               and as {reviewer} / {reviewer_password} (another browser) to approve it\n"
                 f"  Load balancer {info['load_balancer_url']}  ({environment.name}; revisions {', '.join(info['revisions'])})\n"
                 f"  AWS endpoint  {info['aws_endpoint_url']}  endpoints in {settings.SANDBOX_FILE}\n"
+                f"  Notifications the demo sends: {inbox}\n"
                 "  A part that stops is restarted; Ctrl-C stops everything.\n"
             )
             while not stopping.is_set():
@@ -83,6 +86,19 @@ class Command(BaseCommand):
             self.stdout.write("demo stopped")
         if given_up := self.supervisor.given_up():
             raise CommandError(f"demo stopped; it had given up on {', '.join(given_up)} (see above)")
+
+    def _mail_to_inbox(self, info: dict) -> str:
+        """The web server and the worker (started after this) mail through the
+        sandbox's mail catcher, unless EMAIL_URL says otherwise. -> where to read what was sent."""
+        inbox = info.get("inbox") or {}
+        if not inbox:
+            return "nowhere (this sandbox has no inbox)"
+        if self._own_email_url is None:
+            self._own_email_url = os.environ.get("EMAIL_URL", "")
+        if self._own_email_url:
+            return f"{inbox['url']} (Slack and webhooks; mail goes to EMAIL_URL)"
+        os.environ["EMAIL_URL"] = inbox["email_url"]
+        return inbox["url"]
 
     def _start(self, name: str, args: list[str], **options) -> Child:
         return self.supervisor.start(Child(name, args, cwd=settings.BASE_DIR, **options))
@@ -102,6 +118,7 @@ class Command(BaseCommand):
             try:
                 info = json.loads(settings.SANDBOX_FILE.read_text())
                 services.environment_import_sandbox(info=info)
+                self._mail_to_inbox(info)  # for the processes started from now on
             except Exception as exc:  # noqa: BLE001 -- say it and keep supervising
                 self.supervisor.say(f"the restarted sandbox's endpoints could not be stored: {exc}")
             else:
