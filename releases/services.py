@@ -304,6 +304,7 @@ def gate_approve(*, release: Release, key: str, actor, comment: str = "", source
         transitions.gate_changed(release.pk, step.pk)
     audit.record("gate.approve", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}",
                  comment=comment, approvals=f"{given} of {needed}")
+    step.refresh_from_db(fields=["status", "finished_at"])
     return step
 
 
@@ -326,6 +327,7 @@ def gate_reject(*, release: Release, key: str, actor, comment: str = "", source_
                  comment=comment, approvals=f"{given} of {permissions.approvals_required(release)}",
                  **({} if first_decision else {"approved_before": True}))
     _queue(release.pk)
+    step.refresh_from_db(fields=["status", "finished_at"])
     return step
 
 

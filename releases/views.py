@@ -410,11 +410,12 @@ def release_log_download(request, release_id: int):
     return response
 
 
-def _act(request, release_id: int, service, done: str, **kwargs):
+def _act(request, release_id: int, service, done, **kwargs):
+    """`done`: the message, or a function of what the service returned that says it."""
     release = get_object_or_404(Release.objects.select_related("environment"), pk=release_id)
     try:
-        service(release=release, actor=request.user, source_ip=client_ip(request), **kwargs)
-        messages.success(request, done)
+        result = service(release=release, actor=request.user, source_ip=client_ip(request), **kwargs)
+        messages.success(request, done(result) if callable(done) else done)
     except services.ServiceError as exc:
         messages.warning(request, str(exc))
     except OperationalError as exc:
@@ -441,7 +442,12 @@ def release_decide(request, release_id: int, key: str, decision: str):
         return render(request, "releases/release.html", context, status=400)
     comment = form.cleaned_data["comment"]
     if decision == "approve":
-        return _act(request, release_id, services.gate_approve, f"Approved {key}.", key=key, comment=comment)
+        def approved(step):
+            if step.status != "awaiting_approval":
+                return f"Approved {key}."
+            given, needed = step.approvals.filter(decision="approve").count(), permissions.approvals_required(step.release)
+            return f"Approved {key}: {given} of {needed} approvals; someone else gives the next one."
+        return _act(request, release_id, services.gate_approve, approved, key=key, comment=comment)
     return _act(request, release_id, services.gate_reject, f"Rejected {key}.", key=key, comment=comment)
 
 
