@@ -571,3 +571,70 @@ def test_a_deployer_s_recipe_edit_is_refused_on_the_page_and_by_the_service_and_
     assert posted.status_code == 403
     assert Recipe.objects.get(name="tiny").definition == before
     assert [(e.action, e.actor_name, e.target) for e in refusals()] == [("recipe.refused", "dana", "tiny")] * 2
+
+
+# -- in the browser, on the sandbox: one release, every rule ----------------------------------------
+
+
+@pytest.mark.sandbox
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(600)
+def test_in_the_browser_two_approvals_a_gate_group_four_eyes_and_assign_to_me_in_one_release(release_sandbox, web_server, browser):
+    from tests.release_helpers import revisions_behind, wait_status
+    from tests.test_browser import LONG, sign_in
+
+    prepan = services.environment_import_sandbox(info=release_sandbox.info)
+    managers = Group.objects.create(name="release-managers")
+    Environment.objects.filter(pk=prepan.pk).update(approvals_required=2)
+    prepan.swap_groups.set([managers])
+    before = revisions_behind(prepan.public_url).pop()
+    target = "v2" if before == "v1" else "v1"
+    dana = person("dana", "deployer", "approver")
+    person("omar", "approver")
+    person("lena", "approver", "release-managers")
+    mia = person("mia", "approver", "release-managers")
+    release = services.release_create(environment=Environment.objects.get(pk=prepan.pk), revision=target, actor=dana)
+    dana_page, omar, lena = (sign_in(browser, web_server, name) for name in ("dana", "omar", "lena"))
+    for watching in (dana_page, omar, lena):
+        watching.goto(f"{web_server}/releases/{release.pk}/")
+    verify, swap = ".gate-card[data-gate=verify_directly]", ".gate-card[data-gate=swap_elb]"
+
+    # four eyes: the requester sees the card, its Approve disabled and why
+    dana_page.wait_for_selector(verify, timeout=LONG)
+    assert dana_page.is_disabled(f"{verify} button.approve")
+    assert "under four eyes someone else decides" in dana_page.inner_text(verify)
+
+    # Assign to me: lena takes the gate, and omar sees it without a reload
+    lena.wait_for_selector(f"{verify} button.assign", timeout=LONG)
+    assert "Who decides: any approver · 0 of 2 approvals" in lena.inner_text(verify)
+    lena.click(f"{verify} button.assign")
+    lena.wait_for_selector("text=You have taken verify_directly.")
+    omar.wait_for_selector(f"{verify} .assignee:has-text('taken by lena')", timeout=30_000)
+
+    # two of N: omar's approval leaves the gate open, says so, and lena sees "1 of 2, given by omar" live
+    omar.fill("#comment-verify_directly", "the canary serves it")
+    omar.click(f"{verify} button.approve")
+    omar.wait_for_selector("text=Approved verify_directly: 1 of 2 approvals; someone else gives the next one.")
+    assert omar.is_disabled(f"{verify} button.approve")  # a second approval by the same person
+    lena.wait_for_selector(f"{verify} .approvals:has-text('1 of 2 approvals, given by omar')", timeout=30_000)
+    lena.click(f"{verify} button.approve")
+    lena.wait_for_selector("text=Approved verify_directly.")
+
+    # per-gate groups: omar decided verify_directly, but swap_elb is release-managers'
+    omar.wait_for_selector(swap, timeout=LONG)
+    assert omar.is_disabled(f"{swap} button.approve")
+    assert "Who decides: any of release-managers" in omar.inner_text(swap)
+    assert "Only approvers in release-managers decide this gate." in omar.inner_text(swap)
+    lena.wait_for_selector(f"{swap} button.approve:not([disabled])", timeout=LONG)
+    lena.click(f"{swap} button.approve")
+    lena.wait_for_selector("text=Approved swap_elb: 1 of 2 approvals; someone else gives the next one.")
+    assert Release.objects.get(pk=release.pk).status == "awaiting_approval"
+    assert api(mia).post(f"/api/releases/{release.pk}/gates/swap_elb/approve", format="json").status_code == 200
+
+    for watching in (omar, lena):
+        watching.wait_for_selector(".release-status .status-succeeded", timeout=LONG)
+    assert wait_status(release.pk, "succeeded").status == "succeeded"
+    assert revisions_behind(prepan.public_url) == {target}
+    assert [(e.actor_name, e.details["approvals"]) for e in AuditEvent.objects.filter(action="gate.approve").order_by("seq")] == [
+        ("omar", "1 of 2"), ("lena", "2 of 2"), ("lena", "1 of 2"), ("mia", "2 of 2")]
+    assert dana_page.csp_violations == omar.csp_violations == lena.csp_violations == []
