@@ -500,6 +500,19 @@ def test_a_maintainer_sets_the_groups_and_approvals_and_the_audit_names_the_grou
         ["qa", "release-managers"], ["release-managers"], [], 2)
 
 
+def test_a_change_of_groups_in_the_admin_is_audited_by_name_once_they_are_saved(environment, admin_client, managers):  # noqa: F811
+    from django.forms.models import model_to_dict
+
+    data = {k: v for k, v in model_to_dict(environment).items() if v is not None}
+    data.update(security_group_ids="[]", extra_tags="{}", extra_subnet_ids="[]", deploy_groups=[managers.pk])
+
+    response = admin_client.post(f"/admin/releases/environment/{environment.pk}/change/", data)
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    event = AuditEvent.objects.get(action="environment.update")
+    assert event.details["diff"] == {"deploy_groups": [[], ["release-managers"]]}
+
+
 @pytest.mark.parametrize("field", ["verify_groups", "swap_groups", "deploy_groups", "approvals_required"])
 def test_a_deployer_may_not_change_who_decides_on_the_form_or_through_the_service(client, environment, managers, field):  # noqa: F811
     from releases.forms import EnvironmentForm
