@@ -72,7 +72,7 @@ def _action_refused(request, release_id: int, action: str) -> None:
                                       message=f"{ACTION_VERBS[action]} needs the deployer role")
 
 
-def _recipe_refused(request, name: str | None = None) -> None:
+def _recipe_refused(request, name: str | None = None, **_) -> None:
     services.refusal_record(action="recipe.refused", actor=request.user, source_ip=client_ip(request), target=name or "",
                             reason="role", message="changing recipes needs the maintainer role: a recipe's commands run on the workers")
 
@@ -195,7 +195,7 @@ def recipe_edit(request, name: str | None = None):
                  extra={"changes": changes})
 
 
-@maintainer
+@needs(permissions.can_maintain, "the maintainer role", refused=_recipe_refused)
 @require_POST
 def recipe_change_decide(request, name: str, change_id: int, decision: str):
     change = get_object_or_404(RecipeChange.objects.select_related("recipe", "proposed_by"), pk=change_id, recipe__name=name)
