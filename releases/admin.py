@@ -8,9 +8,13 @@ class AuditedAdmin(admin.ModelAdmin):
     """Changes made in the admin are audit events like any other."""
 
     def save_model(self, request, obj, form, change):
-        before = services.configuration_values(type(obj).objects.get(pk=obj.pk)) if change else {}
+        form.audit_before = services.configuration_values(type(obj).objects.get(pk=obj.pk)) if change else {}
         super().save_model(request, obj, form, change)
-        services.configuration_audit(obj, created=not change, before=before, actor=request.user,
+
+    def save_related(self, request, form, formsets, change):
+        # recorded once the many-to-many fields (an environment's groups) are saved too
+        super().save_related(request, form, formsets, change)
+        services.configuration_audit(form.instance, created=not change, before=form.audit_before, actor=request.user,
                                      source_ip=request.META.get("REMOTE_ADDR"))
 
     def delete_model(self, request, obj):

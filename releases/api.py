@@ -53,10 +53,14 @@ def _viewer(request) -> None:
         raise exceptions.PermissionDenied("reading needs the viewer, deployer or approver role")
 
 
-def _may(check, what: str, request) -> None:
+def _may(check, what: str, request, *, attempted: str = "", release_id: int | None = None, key: str = "") -> None:
     """The role first, then the release: a person without it learns nothing
-    about which releases exist (the same 403 for every id)."""
+    about which releases exist (the same 403 for every id). A refused change
+    (`attempted`) is audited."""
     if not check(request.user):
+        if attempted:
+            raise services.refused_without_role(release_id=release_id, key=key, attempted=attempted, message=what,
+                                                actor=request.user, source_ip=client_ip(request))
         raise services.NotAllowed(what)
 
 
@@ -77,7 +81,7 @@ def environment_list(request):
 @openapi.release_create
 @api_view(["POST"])
 def release_create(request):
-    _may(permissions.can_deploy, "starting a release needs the deployer role", request)
+    _may(permissions.can_deploy, "starting a release needs the deployer role", request, attempted="start")
     body = _body(request)
     unknown = set(body) - {"environment", "revision", "strategy", "clone_count"}
     if unknown:
@@ -140,11 +144,16 @@ def _comment(request) -> str:
     return comment
 
 
+def _approver(request, release_id: int, key: str, attempted: str) -> Release:
+    _may(permissions.can_approve, "deciding a gate needs the approver role", request, attempted=attempted,
+         release_id=release_id, key=key)
+    return _release(release_id)
+
+
 @openapi.gate_decision("approve")
 @api_view(["POST"])
 def gate_approve(request, release_id: int, key: str):
-    _may(permissions.can_approve, "deciding a gate needs the approver role", request)
-    release = _release(release_id)
+    release = _approver(request, release_id, key, "approve")
     services.gate_approve(release=release, key=key, actor=request.user, comment=_comment(request), source_ip=client_ip(request))
     return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
 
@@ -152,16 +161,28 @@ def gate_approve(request, release_id: int, key: str):
 @openapi.gate_decision("reject")
 @api_view(["POST"])
 def gate_reject(request, release_id: int, key: str):
-    _may(permissions.can_approve, "deciding a gate needs the approver role", request)
-    release = _release(release_id)
+    release = _approver(request, release_id, key, "reject")
     services.gate_reject(release=release, key=key, actor=request.user, comment=_comment(request), source_ip=client_ip(request))
+    return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
+
+
+@openapi.gate_assign
+@openapi.gate_unassign
+@api_view(["POST", "DELETE"])
+def gate_assignee(request, release_id: int, key: str):
+    """POST: "Assign to me" (the signed-in person takes the open gate); DELETE: nobody has it."""
+    taking = request.method == "POST"
+    release = _approver(request, release_id, key, "assign" if taking else "unassign")
+    service = services.gate_assign if taking else services.gate_unassign
+    service(release=release, key=key, actor=request.user, source_ip=client_ip(request))
     return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
 
 
 def _action(service):
     @api_view(["POST"])
     def view(request, release_id: int):
-        _may(permissions.can_deploy, f"{ACTION_VERBS[service]} needs the deployer role", request)
+        _may(permissions.can_deploy, f"{ACTION_VERBS[service]} needs the deployer role", request,
+             attempted=ACTION_NAMES[service], release_id=release_id)
         service(release=_release(release_id), actor=request.user, source_ip=client_ip(request))
         return Response(selectors.release_dict(selectors.release_for_detail(release_id)))
 
@@ -170,6 +191,7 @@ def _action(service):
 
 ACTION_VERBS = {services.release_cancel: "cancelling a release", services.release_retry: "retrying a release",
                 services.release_rollback: "rolling back"}
+ACTION_NAMES = {services.release_cancel: "cancel", services.release_retry: "retry", services.release_rollback: "rollback"}
 release_cancel = openapi.release_action("cancel", "Cancel a release")(_action(services.release_cancel))
 release_retry = openapi.release_action("retry", "Retry a release's failed step")(_action(services.release_retry))
 release_rollback = openapi.release_action("rollback", "Roll a release back")(_action(services.release_rollback))

@@ -97,9 +97,9 @@ def gate_notice(user, step_id: int) -> dict | None:
     if step is None or user is None or not user.is_authenticated:
         return None
     release = step.release
-    if not permissions.may_decide_gate(user, release.environment, step.key):
+    if permissions.gate_refusal(user, release, step.key) is not None:
         return None
-    if release.plan.get("environment", {}).get("four_eyes") and release.requested_by_id == user.pk:
+    if step.approvals.filter(user=user).exists():  # gave theirs already (a gate needing more than one)
         return None
     return {
         "type": "notify", "release": release.pk, "gate": step.key,

@@ -1,15 +1,21 @@
 import json
 
 from django import forms
+from django.contrib.auth.models import Group
 
 from . import permissions, plan
-from .models import Environment, NotificationChannel, Recipe
+from .models import APPROVALS_MAX, Environment, NotificationChannel, Recipe
 from .services import COMMENT_LIMIT
 
 
 class EnvironmentChoiceForm(forms.Form):
     environment = forms.ModelChoiceField(queryset=Environment.objects.order_by("name"), to_field_name="name",
                                          empty_label=None, help_text="the service to release")
+
+    def __init__(self, *args, user=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if user is not None:  # only where this person may start a release (an environment's deploy groups)
+            self.fields["environment"].queryset = permissions.deployable(user, Environment.objects.order_by("name"))
 
 
 class RevisionForm(forms.Form):
@@ -50,6 +56,9 @@ class RecipeForm(forms.ModelForm):
             raise forms.ValidationError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
 
 
+ACCESS_GROUPS = ("deploy_groups", "verify_groups", "swap_groups")
+
+
 class EnvironmentForm(forms.ModelForm):
     """For a maintainer, every field; for a deployer, the harmless ones
     (permissions.ENVIRONMENT_DEPLOYER_FIELDS), the rest shown disabled. A
@@ -61,16 +70,20 @@ class EnvironmentForm(forms.ModelForm):
         model = Environment
         # time_scale says how fast the cloud's clock runs; only an administrator sets it (in the admin)
         exclude = ["last_baked_ami", "time_scale"]
-        widgets = {"security_group_ids": forms.TextInput(), "extra_subnet_ids": forms.TextInput(), "extra_tags": forms.TextInput()}
+        widgets = {"security_group_ids": forms.TextInput(), "extra_subnet_ids": forms.TextInput(), "extra_tags": forms.TextInput(),
+                   **{name: forms.CheckboxSelectMultiple(attrs={"class": "choices"}) for name in ACCESS_GROUPS},
+                   "approvals_required": forms.NumberInput(attrs={"min": 1, "max": APPROVALS_MAX})}
 
     # Settings added after the form's first scripts were written: left out of a
     # post, each takes its default rather than being required.
-    OPTIONAL_WITH_DEFAULT = (*plan.LAUNCH_FIELDS, *plan.ACCESS_FIELDS, "images_kept")
+    OPTIONAL_WITH_DEFAULT = (*plan.LAUNCH_FIELDS, *plan.ACCESS_FIELDS, "images_kept", "approvals_required", "gate_reminder")
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
         for name in self.OPTIONAL_WITH_DEFAULT:
             self.fields[name].required = False
+        for name in ACCESS_GROUPS:
+            self.fields[name].queryset = Group.objects.order_by("name")
         maintainer = user is not None and permissions.can_maintain(user)
         self.locked = [] if maintainer else [n for n in self.fields if n not in permissions.ENVIRONMENT_DEPLOYER_FIELDS]
         for name in self.locked:

@@ -74,6 +74,7 @@ INSTANCE_PROFILE_NAME = re.compile(r"[\w+=,.@-]{1,128}", re.ASCII)
 INSTANCE_PROFILE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:instance-profile/(?:[\w+=,.@-]+/)*[\w+=,.@-]{1,128}",
                                   re.ASCII)
 VOLUME_SIZES = {"st1": (125, 16384), "sc1": (125, 16384), "standard": (1, 1024)}
+APPROVALS_MAX = 10  # distinct approvals a gate may need
 URL_FIELDS = ("private_ip", "public_ip", "public_dns", "address", "port", "name")
 
 
@@ -260,6 +261,8 @@ class Environment(models.Model):
         self.extra_tags = {} if self.extra_tags is None else self.extra_tags
         self.extra_subnet_ids = [] if self.extra_subnet_ids is None else self.extra_subnet_ids
         errors = launch_setting_errors(self)
+        if not 1 <= (self.approvals_required or 0) <= APPROVALS_MAX:
+            errors["approvals_required"] = f"from 1 to {APPROVALS_MAX} distinct people"
         if errors:
             raise ValidationError(errors)
 

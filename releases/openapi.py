@@ -68,6 +68,13 @@ class EnvironmentOut(serializers.Serializer):
     recipe = serializers.CharField()
     four_eyes = serializers.BooleanField()
     gate_timeout = serializers.IntegerField(min_value=0, help_text="seconds")
+    deploy_groups = serializers.ListField(child=serializers.CharField(), help_text=(
+        "only deployers in one of these groups may start, cancel, retry or roll back here; empty: every deployer"))
+    verify_groups = serializers.ListField(child=serializers.CharField(), help_text=(
+        "only approvers in one of these groups may decide verify_directly; empty: every approver"))
+    swap_groups = serializers.ListField(child=serializers.CharField(), help_text=(
+        "only approvers in one of these groups may decide swap_elb; empty: every approver"))
+    approvals_required = serializers.IntegerField(min_value=1, help_text="distinct approvals each gate needs")
 
 
 class EnvironmentList(serializers.Serializer):
@@ -100,6 +107,11 @@ class GateOut(serializers.Serializer):
     deadline = serializers.DateTimeField(allow_null=True)
     card = serializers.JSONField(help_text="what the person deciding sees: the direct URL and smoke results, or old vs new")
     decisions = DecisionOut(many=True)
+    groups = serializers.ListField(child=serializers.CharField(), help_text=(
+        "who may decide it: approvers in one of these groups (the environment's, as they are now); empty: every approver"))
+    approvals_required = serializers.IntegerField(min_value=1, help_text=(
+        "distinct approvals it needs (frozen with the release); one rejection rejects it"))
+    assignee = serializers.CharField(allow_null=True, help_text="who has taken it (\"Assign to me\"): not a lock")
 
 
 class InstanceOut(serializers.Serializer):
@@ -297,12 +309,36 @@ release_detail = extend_schema(
 def gate_decision(verb: str):
     return extend_schema(
         operation_id=f"gate_{verb}", summary=f"{verb.capitalize()} an open gate", tags=["gates"],
-        description=f"Needs the approver role; under four eyes, not the person who started the release."
-                    f"{' Rejecting rolls the release back.' if verb == 'reject' else ''}",
+        description="Needs the approver role, one of the gate's groups where the environment names some (`groups`), "
+                    "and, under four eyes, not to have started the release. "
+                    + ("The gate moves on with its `approvals_required`-th distinct approval; before that it stays "
+                       "open. A second approval by the same person is a 409." if verb == "approve" else
+                       "One rejection rejects the gate at once, whatever approvals it had, and rolls the release back."),
         parameters=[RELEASE_ID, GATE_KEY],
         request={"application/json": CommentIn},
-        responses={200: ReleaseOut, **BAD_INPUT, **UNAUTHENTICATED, **NO_ROLE, **UNKNOWN_RELEASE, **CONFLICT},
+        responses={200: ReleaseOut, **BAD_INPUT, **UNAUTHENTICATED, **UNKNOWN_RELEASE, **CONFLICT,
+                   403: _error("without the approver role, outside the gate's groups (named), or the person who "
+                               "started the release under four eyes")},
     )
+
+
+GATE_ASSIGNEE = dict(
+    parameters=[RELEASE_ID, GATE_KEY], request=None,
+    responses={200: ReleaseOut, **UNAUTHENTICATED, **NO_ROLE, **UNKNOWN_RELEASE,
+               409: _error("the gate is not open, or (POST) you have it already, or (DELETE) nobody has it")},
+)
+gate_assign = extend_schema(
+    methods=["POST"], operation_id="gate_assign", summary="Take an open gate (Assign to me)", tags=["gates"],
+    description="The signed-in person takes the gate: shown to everyone and notified, not a lock (anyone else who "
+                "may decide it still may, or take it over). Needs the approver role, one of the gate's groups where "
+                "the environment names some, and, under four eyes, not to have started the release. No body.",
+    **GATE_ASSIGNEE,
+)
+gate_unassign = extend_schema(
+    methods=["DELETE"], operation_id="gate_unassign", summary="Give up an open gate (nobody has it)", tags=["gates"],
+    description="Whoever may decide the gate may say nobody has it. No body.",
+    **GATE_ASSIGNEE,
+)
 
 
 def release_action(action: str, what: str):

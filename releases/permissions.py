@@ -68,3 +68,63 @@ def may_decide_gate(user, environment, key: str) -> bool:
     """Decide (or take) gate `key` here: an approver, in one of the gate's groups if the environment names any.
     Four eyes and the number of approvals are the services' to check: they depend on the release."""
     return can_approve(user) and _in_any(user, gate_groups(environment, key))
+
+
+def _names(groups) -> str:
+    return ", ".join(sorted(g.name for g in groups))
+
+
+def deploy_refusal(user, environment, doing: str) -> tuple[str, str] | None:
+    """Why `user` may not do `doing` ("starting a release") in `environment`, as (reason, sentence); None when they may."""
+    if not can_deploy(user):
+        return "role", f"{doing} needs the deployer role"
+    groups = list(environment.deploy_groups.all())
+    if not _in_any(user, groups):
+        return "group", f"{doing} in {environment.name} needs one of the groups {_names(groups)}"
+    return None
+
+
+def deployable(user, environments):
+    """The environments of the queryset `environments` where `user` may start a release."""
+    from django.db.models import Q
+
+    if not can_deploy(user):
+        return environments.none()
+    if user.is_superuser:
+        return environments
+    return environments.filter(Q(deploy_groups=None) | Q(deploy_groups__in=user.groups.all())).distinct()
+
+
+def gate_refusal(user, release, key: str) -> tuple[str, str] | None:
+    """Why `user` may not decide (or take) gate `key` of `release`, as (reason, sentence); None when they may.
+    The groups are the environment's as they are now (taking someone out of a group takes effect at once);
+    four eyes is the release's, frozen in its plan."""
+    if not can_approve(user):
+        return "role", "deciding a gate needs the approver role"
+    groups = gate_groups(release.environment, key)
+    if not _in_any(user, groups):
+        return "group", f"deciding {key} in {release.environment.name} needs one of the groups {_names(groups)}"
+    if release.plan.get("environment", {}).get("four_eyes") and release.requested_by_id == user.pk:
+        return "four_eyes", f"four eyes: {user.get_username()} started this release, so someone else decides its gates"
+    return None
+
+
+def gate_deciders(environment, key: str):
+    """The active people who may decide gate `key` of `environment` (four eyes aside): for a warning
+    when a gate needs more approvals than that."""
+    from django.contrib.auth import get_user_model
+    from django.db.models import Q
+
+    from . import roles
+
+    people = get_user_model().objects.filter(is_active=True)
+    approvers = Q(is_superuser=True) | Q(groups__name=roles.APPROVER)
+    groups = gate_groups(environment, key)
+    if groups:
+        people = people.filter(Q(is_superuser=True) | Q(groups__in=groups))
+    return people.filter(approvers).distinct()
+
+
+def approvals_required(release) -> int:
+    """Distinct approvals each gate of `release` needs: frozen in its plan, like four eyes (1 for a plan from before)."""
+    return release.plan.get("environment", {}).get("approvals_required") or 1

@@ -73,6 +73,7 @@ ENVIRONMENT_FIELDS = (
     "public_url", "verify_security_group_id", "verify_cidr", "security_group_ids", "app_port", "health_path",
     "expected_text", "ssh_user", "ssh_port", "ssh_key_file", "address", "instance_type", "subnet_id",
     "key_name", "base_ami", "last_baked_ami", "name_prefix", "repository", "gate_timeout", "retention", "four_eyes",
+    "approvals_required",  # how many eyes, like four_eyes: a release keeps what it started with (issue 11)
     "instance_timeout", "ssh_timeout", "image_timeout", "smoke_timeout", "command_timeout", "time_scale",
     *(LAUNCH_FIELDS := ("instance_profile", "user_data", "root_volume_size", "root_volume_type", "root_volume_encrypted",
                         "require_imdsv2", "public_ip", "extra_tags", "extra_subnet_ids")),

@@ -12,7 +12,7 @@ from django.utils import timezone
 from deployer import aws, ssh
 from deployer.errors import AdapterError
 
-from . import audit, cleanup, engine, plan, transitions
+from . import audit, cleanup, engine, permissions, plan, transitions
 from .logs import line_dict
 from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, StatusChange, Step
 
@@ -31,16 +31,30 @@ def environment_dict(environment: Environment) -> dict:
         "recipe": environment.recipe.name,
         "four_eyes": environment.four_eyes,
         "gate_timeout": environment.gate_timeout,
+        # who may deploy and decide here (empty: every deployer, every approver)
+        "deploy_groups": _group_names(environment.deploy_groups),
+        "verify_groups": _group_names(environment.verify_groups),
+        "swap_groups": _group_names(environment.swap_groups),
+        "approvals_required": environment.approvals_required,
     }
 
 
+def _group_names(related) -> list[str]:
+    return sorted(g.name for g in related.all())
+
+
+ENVIRONMENT_GROUPS = ("deploy_groups", "verify_groups", "swap_groups")
+
+
 def environments() -> list[dict]:
-    return [environment_dict(e) for e in Environment.objects.select_related("recipe").order_by("name")]
+    return [environment_dict(e) for e in Environment.objects.select_related("recipe").prefetch_related(*ENVIRONMENT_GROUPS)
+            .order_by("name")]
 
 
 def release_for_detail(release_id: int) -> Release:
     return Release.objects.select_related("environment", "requested_by").prefetch_related(
-        Prefetch("steps", queryset=Step.objects.prefetch_related(
+        "environment__verify_groups", "environment__swap_groups",
+        Prefetch("steps", queryset=Step.objects.select_related("assignee").prefetch_related(
             Prefetch("approvals", queryset=Approval.objects.select_related("user").order_by("at")))),
         Prefetch("instances", queryset=Instance.objects.order_by("created_at")),
         Prefetch("history", queryset=StatusChange.objects.select_related("step").order_by("at", "id")),
@@ -86,6 +100,9 @@ def release_dict(release: Release) -> dict:
         "gates": [
             {
                 "key": s.key, "status": s.status, "deadline": _time(s.deadline), "card": s.result,
+                "groups": sorted(g.name for g in permissions.gate_groups(release.environment, s.key)),
+                "approvals_required": permissions.approvals_required(release),
+                "assignee": s.assignee.get_username() if s.assignee_id else None,
                 "decisions": [
                     {"by": a.user.get_username() if a.user else "greenlight", "decision": a.decision, "comment": a.comment, "at": _time(a.at)}
                     for a in s.approvals.all()
@@ -149,14 +166,52 @@ ACTIVE = ("queued", "running", "awaiting_approval", "failed", "rolling_back")
 
 
 def waiting_on(user) -> list[Step]:
-    """Open gates this person may decide, oldest first."""
-    from . import permissions
-
+    """Open gates this person may decide (role, the gate's groups, four eyes) and has not approved yet, oldest first."""
     if not permissions.can_approve(user):
         return []
-    gates = Step.objects.filter(status=Step.Status.AWAITING_APPROVAL).select_related(
-        "release__environment", "release__requested_by").order_by("started_at")
-    return [g for g in gates if not (g.release.plan["environment"].get("four_eyes") and g.release.requested_by_id == user.pk)]
+    gates = Step.objects.filter(status=Step.Status.AWAITING_APPROVAL).exclude(approvals__user=user).select_related(
+        "release__environment", "release__requested_by").prefetch_related(
+        "release__environment__verify_groups", "release__environment__swap_groups").order_by("started_at")
+    return [g for g in gates if permissions.gate_refusal(user, g.release, g.key) is None]
+
+
+def gate_cards(release: Release, steps: list[Step], user) -> list[dict]:
+    """The release page's open gates, each with who may decide it, its approvals so far, who has
+    taken it, and what `user` may do there (and why not)."""
+    cards = []
+    for step in steps:
+        if step.kind != Step.Kind.GATE or step.status != Step.Status.AWAITING_APPROVAL:
+            continue
+        refusal = permissions.gate_refusal(user, release, step.key)
+        approvers = [a.user.get_username() for a in step.approvals.all() if a.decision == Approval.Decision.APPROVE and a.user]
+        approved = any(a.user_id == user.pk for a in step.approvals.all())
+        needed = permissions.approvals_required(release)
+        cards.append({
+            "step": step, "key": step.key,
+            "groups": sorted(g.name for g in permissions.gate_groups(release.environment, step.key)),
+            "needed": needed, "given": len(approvers), "approvers": approvers, "remaining": max(needed - len(approvers), 0),
+            "assignee": step.assignee.get_username() if step.assignee_id else "",
+            "taken_by_me": step.assignee_id is not None and step.assignee_id == user.pk,
+            "may_decide": refusal is None, "refusal": refusal[0] if refusal else "", "why_not": refusal[1] if refusal else "",
+            "approved_by_me": approved,
+        })
+    return cards
+
+
+def environment_access(environment: Environment) -> dict:
+    """Who may deploy and decide in `environment`, for its page, with a warning for a gate
+    that needs more approvals than there are people who may give them."""
+    needed = environment.approvals_required
+    gates = []
+    for key in sorted(permissions.GATE_GROUPS, key=lambda k: [e.key for e in plan.BAKE].index(k)):
+        groups = sorted(g.name for g in permissions.gate_groups(environment, key))
+        deciders = permissions.gate_deciders(environment, key).count()
+        warning = ""
+        if needed > deciders:  # allowed (people join groups later), but no release passes this gate until then
+            warning = (f"{key} needs {needed} approvals but only {deciders} "
+                       f"{'person may' if deciders == 1 else 'people may'} decide it")
+        gates.append({"key": key, "groups": groups, "deciders": deciders, "warning": warning})
+    return {"deploy_groups": _group_names(environment.deploy_groups), "gates": gates, "needed": needed}
 
 
 def active_releases(*, limit: int = 50) -> list[Release]:

@@ -7,6 +7,7 @@ work for the engine is queued only after the transaction commits.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from django.conf import settings
@@ -19,7 +20,7 @@ from deployer import git
 from deployer.errors import AdapterError
 
 
-from . import audit, logs, permissions, plan, tasks, transitions
+from . import audit, logs, notifications, permissions, plan, tasks, transitions
 from .models import Approval, Environment, Installation, NotificationChannel, Recipe, RecipeChange, Release, Step
 
 R, S = Release.Status, Step.Status
@@ -31,6 +32,7 @@ class ServiceError(Exception):
     def __init__(self, message: str, **details):
         super().__init__(message)
         self.details = details
+        self.refusal: dict | None = None  # a refused attempt, for the audit (see _records_refusals)
 
 
 class BadInput(ServiceError):
@@ -47,6 +49,67 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     status = 409
+
+
+# -- refused attempts are audited ----------------------------------------------------------
+
+
+def refusal_record(*, action: str, actor, reason: str, message: str, source_ip: str | None = None, release=None,
+                   environment=None, target: str = "", **details) -> None:
+    """A refused attempt (wrong role or group, self-approval, a second approval), in the audit.
+    Called after the refused service's transaction rolled back, so the record stays."""
+    if actor is None or not actor.is_authenticated:
+        return  # a stranger is refused before anything: there is nobody to name
+    audit.record(action, actor=actor, source_ip=source_ip, release=release, environment=environment, target=target,
+                 reason=reason, refused=message, **details)
+
+
+def refused_without_role(*, release_id: int | None = None, key: str = "", attempted: str, message: str, actor,
+                         source_ip: str | None = None) -> NotAllowed:
+    """The page's or the API's role check refused `actor` before any service ran: recorded, and the
+    error to answer. The release is looked up only to file the record under it (the answer is the same 403)."""
+    if key not in plan.GATES:  # as typed into a URL: kept, escaped, but never a NUL or a lone surrogate
+        key = key.encode("unicode_escape").decode("ascii")[:64]
+    release = Release.objects.select_related("environment").filter(pk=release_id).first() if release_id else None
+    target = f"release {release_id}{' ' + key if key else ''}" if release_id else "a new release"
+    refusal_record(action="gate.refused" if key else "release.refused", actor=actor, source_ip=source_ip,
+                   release=release, target=target[:300], reason="role", message=message, attempted=attempted,
+                   **({"gate": key} if key else {}))
+    return NotAllowed(message)
+
+
+def _refused(error_class: type[ServiceError], message: str, *, action: str, reason: str, release=None, environment=None,
+             target: str = "", **details) -> ServiceError:
+    error = error_class(message)
+    error.refusal = {"action": action, "reason": reason, "release": release, "environment": environment,
+                     "target": target, **details}
+    return error
+
+
+def _records_refusals(service):
+    """Outside the service's transaction: a refusal raised inside it rolls everything back, and is
+    recorded afterwards, so its audit row survives the rollback."""
+    @functools.wraps(service)
+    def wrapped(*args, **kwargs):
+        try:
+            return service(*args, **kwargs)
+        except ServiceError as error:
+            if error.refusal is not None:
+                refusal, error.refusal = error.refusal, None  # once, however many services it passes through
+                refusal_record(**refusal, message=str(error), actor=kwargs.get("actor"), source_ip=kwargs.get("source_ip"))
+            raise
+
+    return wrapped
+
+
+def _may_deploy(environment: Environment, actor, doing: str, *, attempted: str, release: Release | None = None) -> None:
+    """A deployer, in one of the environment's deploy groups if it names any (its groups as they are now)."""
+    refusal = permissions.deploy_refusal(actor, environment, doing)
+    if refusal is not None:
+        reason, message = refusal
+        raise _refused(NotAllowed, message, action="release.refused", reason=reason, release=release,
+                       environment=environment, target=f"release {release.pk}" if release else environment.name,
+                       attempted=attempted)
 
 
 # A gate's comment, on the page and in the API (the column itself is unbounded text).
@@ -129,13 +192,13 @@ def preflight_failed(checks: list[dict]) -> list[dict]:
     return [c for c in checks if c["status"] == "failed"]
 
 
+@_records_refusals
 def release_start(*, environment: Environment, revision: str, strategy: str = "bake", fleet_size: int | None = None,
                   actor, source_ip: str | None = None, checks: list[dict] | None = None) -> Release:
     """A release, after its preflight passed (where PREFLIGHT_BEFORE_RELEASE is on):
     409 naming the failed checks, with every check, when one failed. `checks`:
     a preflight run a moment ago for this very release; else one runs now."""
-    if not permissions.can_deploy(actor):
-        raise NotAllowed("starting a release needs the deployer role")
+    _may_deploy(environment, actor, "starting a release", attempted="start")
     revision = validate_revision(revision)
     if settings.PREFLIGHT_BEFORE_RELEASE:
         if checks is None:
@@ -151,11 +214,11 @@ def release_start(*, environment: Environment, revision: str, strategy: str = "b
                           actor=actor, source_ip=source_ip)
 
 
+@_records_refusals
 @transaction.atomic
 def release_create(*, environment: Environment, revision: str, strategy: str = "bake", fleet_size: int | None = None,
                    actor, source_ip: str | None = None) -> Release:
-    if not permissions.can_deploy(actor):
-        raise NotAllowed("starting a release needs the deployer role")
+    _may_deploy(environment, actor, "starting a release", attempted="start")
     revision = validate_revision(revision)
     fleet_size = environment.desired_count if fleet_size is None else fleet_size
     if not isinstance(fleet_size, int) or isinstance(fleet_size, bool) or not 1 <= fleet_size <= 50:
@@ -194,54 +257,123 @@ def _gate(release: Release, key: str) -> Step:
 
 
 def _open_gate(release: Release, key: str) -> Step:
-    step = _gate(release, key)
+    """The gate, open, its row locked until the transaction ends: of two people deciding it at
+    the same moment, the second waits and then sees what the first did."""
+    step = Step.objects.select_for_update().get(pk=_gate(release, key).pk)
     if step.status != S.AWAITING_APPROVAL:
         raise Conflict(f"the gate {key} is not open (it is {step.status})", status=step.status)
     return step
 
 
-def _may_decide(release: Release, key: str, actor) -> None:
+def _may_decide(release: Release, key: str, actor, *, attempted: str) -> None:
+    """An approver, in one of the gate's groups if the environment names any (as they are now), and
+    not the person who started the release under four eyes (as its plan says)."""
     _gate(release, key)
-    if not permissions.can_approve(actor):
-        raise NotAllowed("deciding a gate needs the approver role")
-    if release.plan["environment"]["four_eyes"] and release.requested_by_id == actor.pk:
-        raise NotAllowed(f"four eyes: {actor.get_username()} started this release, so someone else decides its gates")
+    refusal = permissions.gate_refusal(actor, release, key)
+    if refusal is not None:
+        reason, message = refusal
+        raise _refused(NotAllowed, message, action="gate.refused", reason=reason, release=release,
+                       target=f"release {release.pk} {key}", gate=key, attempted=attempted)
 
 
+@_records_refusals
 @transaction.atomic
 def gate_approve(*, release: Release, key: str, actor, comment: str = "", source_ip: str | None = None) -> Step:
-    _may_decide(release, key, actor)
+    """One approval. The gate moves on when it has as many distinct approvals as the release
+    needs; short of that it stays open, and the approval is shown and audited ("1 of 2")."""
+    _may_decide(release, key, actor, attempted="approve")
     step = _open_gate(release, key)
-    if not transitions.step(step.pk, "approve", actor=actor, reason=comment, finished_at=timezone.now()):
-        raise Conflict(f"the gate {key} was decided a moment ago")
-    transitions.release(release.pk, "approve", actor=actor, reason=f"{key} approved")
-    Approval.objects.create(step=step, user=actor, decision=Approval.Decision.APPROVE, comment=comment)
-    audit.record("gate.approve", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}", comment=comment)
-    _queue(release.pk)
+    needed = permissions.approvals_required(release)
+    try:
+        with transaction.atomic():
+            Approval.objects.create(step=step, user=actor, decision=Approval.Decision.APPROVE, comment=comment)
+    except IntegrityError:  # one decision per person per gate: the database says so too
+        given = step.approvals.filter(decision=Approval.Decision.APPROVE).count()
+        raise _refused(Conflict, f"{actor.get_username()} approved {key} already; it needs {needed - given} more "
+                                 f"approval{'s' if needed - given != 1 else ''} from someone else",
+                       action="gate.refused", reason="again", release=release, target=f"release {release.pk} {key}",
+                       gate=key, attempted="approve") from None
+    given = step.approvals.filter(decision=Approval.Decision.APPROVE).count()
+    if given >= needed:
+        if not transitions.step(step.pk, "approve", actor=actor, reason=comment, comment=comment,
+                                finished_at=timezone.now(), release_id=release.pk):
+            raise Conflict(f"the gate {key} was decided a moment ago")
+        transitions.release(release.pk, "approve", actor=actor, reason=f"{key} approved")
+        _queue(release.pk)
+    else:
+        transitions.gate_changed(release.pk, step.pk)
+    audit.record("gate.approve", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}",
+                 comment=comment, approvals=f"{given} of {needed}")
+    step.refresh_from_db(fields=["status", "finished_at"])
     return step
 
 
+@_records_refusals
 @transaction.atomic
 def gate_reject(*, release: Release, key: str, actor, comment: str = "", source_ip: str | None = None) -> Step:
-    _may_decide(release, key, actor)
+    """One rejection by someone who may decide the gate rejects it at once, whatever approvals it
+    had (theirs included: a person who approved may still stop it), and the release rolls back."""
+    _may_decide(release, key, actor, attempted="reject")
     step = _open_gate(release, key)
     reason = f"rejected by {actor.get_username()}" + (f": {comment}" if comment else "")
-    if not transitions.step(step.pk, "reject", actor=actor, error=reason, reason=reason, finished_at=timezone.now()):
+    if not transitions.step(step.pk, "reject", actor=actor, error=reason, reason=reason, comment=comment,
+                            finished_at=timezone.now(), release_id=release.pk):
         raise Conflict(f"the gate {key} was decided a moment ago")
     transitions.release(release.pk, "reject", actor=actor, error=f"{key}: {reason}", reason=f"{key} {reason}")
-    Approval.objects.create(step=step, user=actor, decision=Approval.Decision.REJECT, comment=comment)
-    audit.record("gate.reject", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}", comment=comment)
+    _, first_decision = Approval.objects.update_or_create(
+        step=step, user=actor, defaults={"decision": Approval.Decision.REJECT, "comment": comment, "at": timezone.now()})
+    given = step.approvals.filter(decision=Approval.Decision.APPROVE).count()
+    audit.record("gate.reject", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}",
+                 comment=comment, approvals=f"{given} of {permissions.approvals_required(release)}",
+                 **({} if first_decision else {"approved_before": True}))
     _queue(release.pk)
+    step.refresh_from_db(fields=["status", "finished_at"])
     return step
 
 
+@_records_refusals
+@transaction.atomic
+def gate_assign(*, release: Release, key: str, actor, source_ip: str | None = None) -> Step:
+    """"Assign to me": `actor` takes the open gate, shown to the others and notified. Not a lock:
+    anyone else who may decide it still may, and may take it over."""
+    _may_decide(release, key, actor, attempted="assign")
+    step = _open_gate(release, key)
+    if step.assignee_id == actor.pk:
+        raise Conflict(f"{actor.get_username()} has taken {key} already")
+    previous = step.assignee.get_username() if step.assignee_id else None
+    if not transitions.assign(step.pk, actor, release_id=release.pk):
+        raise Conflict(f"the gate {key} was decided a moment ago")
+    step.assignee = actor
+    notifications.gate_event(step, "gate.assigned", actor=actor)
+    audit.record("gate.assign", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}",
+                 **({"taken_from": previous} if previous else {}))
+    return step
+
+
+@_records_refusals
+@transaction.atomic
+def gate_unassign(*, release: Release, key: str, actor, source_ip: str | None = None) -> Step:
+    """Nobody has the gate any more; anyone who may decide it may say so."""
+    _may_decide(release, key, actor, attempted="unassign")
+    step = _open_gate(release, key)
+    if step.assignee_id is None:
+        raise Conflict(f"nobody has taken {key}")
+    previous = step.assignee.get_username()
+    if not transitions.assign(step.pk, None, release_id=release.pk):
+        raise Conflict(f"the gate {key} was decided a moment ago")
+    step.assignee = None
+    audit.record("gate.unassign", actor=actor, source_ip=source_ip, release=release, target=f"release {release.pk} {key}",
+                 taken_from=previous)
+    return step
+
+
+@_records_refusals
 @transaction.atomic
 def release_cancel(*, release: Release, actor, source_ip: str | None = None) -> Release:
     """Cancel ends in a rollback and `cancelled`, wherever it lands: at a gate
     or after a failure at once; while a step works, as soon as it stops
     (between commands, inside one, or while it waits on AWS)."""
-    if not permissions.can_deploy(actor):
-        raise NotAllowed("cancelling a release needs the deployer role")
+    _may_deploy(release.environment, actor, "cancelling a release", attempted="cancel", release=release)
     _refuse(release, "cancel", "only an unfinished release can be cancelled")
     past_swap = Step.objects.filter(release=OuterRef("pk"), key=plan.CANCEL_ENDS_AT, kind=Step.Kind.ACTION).exclude(
         status=S.PENDING, attempts=0)
@@ -266,10 +398,10 @@ def release_cancel(*, release: Release, actor, source_ip: str | None = None) -> 
     return release
 
 
+@_records_refusals
 @transaction.atomic
 def release_retry(*, release: Release, actor, source_ip: str | None = None) -> Release:
-    if not permissions.can_deploy(actor):
-        raise NotAllowed("retrying a release needs the deployer role")
+    _may_deploy(release.environment, actor, "retrying a release", attempted="retry", release=release)
     failed = release.steps.filter(status=S.FAILED).first()
     rolled_back = release.steps.filter(kind=Step.Kind.ROLLBACK).exists() or release.state.get("rolled_back")
     if not transitions.allows(release.status, "retry") or failed is None or failed.kind != Step.Kind.ACTION or rolled_back:
@@ -284,10 +416,10 @@ def release_retry(*, release: Release, actor, source_ip: str | None = None) -> R
     return release
 
 
+@_records_refusals
 @transaction.atomic
 def release_rollback(*, release: Release, actor, source_ip: str | None = None) -> Release:
-    if not permissions.can_deploy(actor):
-        raise NotAllowed("rolling back needs the deployer role")
+    _may_deploy(release.environment, actor, "rolling back", attempted="rollback", release=release)
     _refuse(release, "rollback", "it cannot be rolled back now")
     if release.status == R.SUCCEEDED:
         newer = Release.objects.filter(environment=release.environment, created_at__gt=release.created_at).exclude(
@@ -466,13 +598,21 @@ def channel_test(*, channel, actor, source_ip: str | None = None):
     return delivery
 
 
-def configuration_values(obj) -> dict:
-    """An environment's or a recipe's fields as plain values (a related row by its name), for a diff."""
+def configuration_values(obj, *, pending: dict | None = None) -> dict:
+    """An environment's or a recipe's fields as plain values (a related row by its name, many by
+    their sorted names), for a diff. `pending`: a form's cleaned data, for the many-to-many
+    fields it is about to save (they reach the row only after it is saved)."""
     values = {}
     for field in obj._meta.concrete_fields:
         if field.primary_key or field.name == "updated_at":
             continue
         values[field.name] = str(getattr(obj, field.name)) if field.is_relation else field.value_from_object(obj)
+    for field in obj._meta.many_to_many:
+        if pending is not None and field.name in pending:
+            related = pending[field.name] or []
+        else:
+            related = getattr(obj, field.name).all() if obj.pk is not None else []
+        values[field.name] = sorted(str(item) for item in related)
     return values
 
 
@@ -515,19 +655,26 @@ def configuration_audit(obj, *, created: bool, before: dict, actor, source_ip: s
                  changed=sorted(k for k in after if after[k] != before.get(k)), diff=configuration_diff(before, after), **details)
 
 
-def _refuse_configuration(model, *, created: bool, changed: list[str], actor) -> None:
+def _refuse_configuration(model, *, created: bool, changed: list[str], actor, target: str) -> None:
     """Defence in depth behind the forms: what runs on the workers, where, and who decides, is a maintainer's."""
     if permissions.can_maintain(actor):
         return
+    action = f"{model._meta.model_name}.refused"
     if model is Recipe:
-        raise NotAllowed("changing recipes needs the maintainer role: a recipe's commands run on the workers")
+        raise _refused(NotAllowed, "changing recipes needs the maintainer role: a recipe's commands run on the workers",
+                       action=action, reason="role", target=target)
     if not permissions.can_deploy(actor):
-        raise NotAllowed("changing an environment needs the deployer or maintainer role")
+        raise _refused(NotAllowed, "changing an environment needs the deployer or maintainer role", action=action,
+                       reason="role", target=target)
     if created:
-        raise NotAllowed("adding an environment needs the maintainer role")
+        raise _refused(NotAllowed, "adding an environment needs the maintainer role", action=action, reason="role",
+                       target=target)
     refused = sorted(set(changed) - permissions.ENVIRONMENT_DEPLOYER_FIELDS)
     if refused:
-        raise NotAllowed(f"only a maintainer may change {', '.join(refused)}", fields=refused)
+        error = _refused(NotAllowed, f"only a maintainer may change {', '.join(refused)}", action=action, reason="role",
+                         target=target, fields=refused)
+        error.details["fields"] = refused
+        raise error
 
 
 def recipe_needs_second_person(recipe: Recipe) -> bool:
@@ -535,6 +682,7 @@ def recipe_needs_second_person(recipe: Recipe) -> bool:
     return recipe.pk is not None and Environment.objects.filter(recipe=recipe, four_eyes=True).exists()
 
 
+@_records_refusals
 @transaction.atomic
 def configuration_save(*, form, actor, source_ip: str | None = None):
     """Save an environment or a recipe from its (validated) form.
@@ -545,8 +693,10 @@ def configuration_save(*, form, actor, source_ip: str | None = None):
     model = form._meta.model
     created = form.instance.pk is None
     before = {} if created else configuration_values(model.objects.select_for_update().get(pk=form.instance.pk))
-    after = configuration_values(form.instance)  # the form applied its data to the instance when it validated
-    _refuse_configuration(model, created=created, changed=[k for k in after if after[k] != before.get(k)], actor=actor)
+    # the form applied its data to the instance when it validated; the many-to-many fields are still its own
+    after = configuration_values(form.instance, pending=form.cleaned_data)
+    _refuse_configuration(model, created=created, changed=[k for k in after if after[k] != before.get(k)], actor=actor,
+                          target=before.get("name") or after.get("name") or "")
     if model is Recipe and not created and after["definition"] != before["definition"] and recipe_needs_second_person(form.instance):
         return _recipe_change_propose(recipe=form.instance, before=before, actor=actor, source_ip=source_ip)
     saved = form.save()

@@ -144,3 +144,18 @@ def created(release_obj: Release, *, actor=None) -> None:
     """The first row of a release's history: it exists, queued."""
     StatusChange.objects.create(release=release_obj, action="create", from_status="", to_status=release_obj.status,
                                 actor=actor, actor_name=actor.get_username() if actor is not None else "greenlight")
+
+
+def assign(step_id: int, assignee, *, release_id: int) -> bool:
+    """Give an open gate a taker ("Assign to me"), or none: not a move and not a lock, but
+    conditional like one (only while the gate is open), and shown to everyone watching."""
+    changed = Step.objects.filter(pk=step_id, status=S.AWAITING_APPROVAL).update(assignee=assignee)
+    if changed:
+        gate_changed(release_id, step_id)
+    return bool(changed)
+
+
+def gate_changed(release_id: int, step_id: int) -> None:
+    """An open gate changed without moving (an approval short of the number needed, a taker):
+    the pages watching it redraw its card once the change is committed."""
+    transaction.on_commit(lambda: broadcast.step_changed(release_id, step_id))

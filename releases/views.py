@@ -33,12 +33,15 @@ WIZARD = "release_wizard"
 WIZARD_STEPS = ("environment", "revision", "options", "review")
 
 
-def needs(check, what: str):
+def needs(check, what: str, *, refused=None):
+    """`refused(request, **kwargs)`: records a refused POST in the audit (gate decisions, release actions, recipes)."""
     def decorator(view):
         @login_required
         @wraps(view)
         def wrapped(request, *args, **kwargs):
             if not check(request.user):
+                if refused is not None and request.method == "POST":
+                    refused(request, **kwargs)
                 return HttpResponseForbidden(render(request, "403.html", {"needed": what}).content)
             return view(request, *args, **kwargs)
 
@@ -51,11 +54,27 @@ viewer = needs(permissions.can_view, "the viewer, deployer, approver or maintain
 deployer = needs(permissions.can_deploy, "the deployer role")
 maintainer = needs(permissions.can_maintain, "the maintainer role")
 configurer = needs(permissions.can_configure, "the deployer or maintainer role")
-approver = needs(permissions.can_approve, "the approver role")
 
 
 def client_ip(request) -> str | None:
     return request.META.get("REMOTE_ADDR")
+
+
+def _gate_refused(request, release_id: int, key: str, decision: str = "") -> None:
+    attempted = decision if decision in ("approve", "reject", "assign", "unassign") else "decide"
+    services.refused_without_role(release_id=release_id, key=key, attempted=attempted, actor=request.user,
+                                  source_ip=client_ip(request), message="deciding a gate needs the approver role")
+
+
+def _action_refused(request, release_id: int, action: str) -> None:
+    if action in ACTIONS:
+        services.refused_without_role(release_id=release_id, attempted=action, actor=request.user, source_ip=client_ip(request),
+                                      message=f"{ACTION_VERBS[action]} needs the deployer role")
+
+
+def _recipe_refused(request, name: str | None = None, **_) -> None:
+    services.refusal_record(action="recipe.refused", actor=request.user, source_ip=client_ip(request), target=name or "",
+                            reason="role", message="changing recipes needs the maintainer role: a recipe's commands run on the workers")
 
 
 # -- dashboard ------------------------------------------------------------------------
@@ -91,9 +110,10 @@ def environment_detail(request, name: str):
         instances, error = [], str(exc)
     return render(request, "releases/environment.html", {
         "environment": environment, "instances": instances, "aws_error": error,
-        "cleanup": selectors.cleanup_schedule(environment),
+        "cleanup": selectors.cleanup_schedule(environment), "access": selectors.environment_access(environment),
         "can_deploy": permissions.can_deploy(request.user), "can_configure": permissions.can_configure(request.user),
         **_notifications_context(request, environment),
+        "may_release": permissions.may_deploy_in(request.user, environment),
     })
 
 
@@ -109,9 +129,10 @@ def environment_preflight(request, name: str):
         instances, error = [], str(exc)
     return render(request, "releases/environment.html", {
         "environment": environment, "instances": instances, "aws_error": error, "checks": checks,
-        "failed": services.preflight_failed(checks),
+        "failed": services.preflight_failed(checks), "access": selectors.environment_access(environment),
         "can_deploy": True, "can_configure": permissions.can_configure(request.user),
         **_notifications_context(request, environment),
+        "may_release": permissions.may_deploy_in(request.user, environment),
     })
 
 
@@ -234,7 +255,7 @@ def _environment_form(request, name: str | None):
                  extra={"locked_note": locked}, user=request.user)
 
 
-@maintainer
+@needs(permissions.can_maintain, "the maintainer role", refused=_recipe_refused)
 def recipe_edit(request, name: str | None = None):
     changes = []
     if name:
@@ -246,7 +267,7 @@ def recipe_edit(request, name: str | None = None):
                  extra={"changes": changes})
 
 
-@maintainer
+@needs(permissions.can_maintain, "the maintainer role", refused=_recipe_refused)
 @require_POST
 def recipe_change_decide(request, name: str, change_id: int, decision: str):
     change = get_object_or_404(RecipeChange.objects.select_related("recipe", "proposed_by"), pk=change_id, recipe__name=name)
@@ -313,7 +334,7 @@ def release_new(request):
         data = {"environment": request.GET["environment"]}
         request.session[WIZARD] = data
     forms = {
-        "environment": lambda post: EnvironmentChoiceForm(post, initial=data),
+        "environment": lambda post: EnvironmentChoiceForm(post, initial=data, user=request.user),
         "revision": lambda post: RevisionForm(post, initial=data),
         "options": lambda post: OptionsForm(post, initial=data or None),
     }
@@ -424,16 +445,14 @@ def _panel_context(request, release_id: int) -> dict:
     release = selectors.release_for_detail(release_id)
     user = request.user
     steps = list(release.steps.all())
-    four_eyes_blocked = release.plan["environment"].get("four_eyes") and release.requested_by_id == user.pk
+    gates = selectors.gate_cards(release, steps, user)
     return {
         "release": release,
         "steps": steps,
-        "gates": [s for s in steps if s.kind == "gate" and s.status == "awaiting_approval"],
-        "decided_gates": [s for s in steps if s.kind == "gate" and s.approvals.all()],
+        "gates": gates,
+        "decided_gates": [s for s in steps if s.kind == "gate" and s.status != "awaiting_approval" and s.approvals.all()],
         "instances": list(release.instances.all()),
-        "may_decide": permissions.can_approve(user) and not four_eyes_blocked,
-        "four_eyes_blocked": permissions.can_approve(user) and four_eyes_blocked,
-        "may_deploy": permissions.can_deploy(user),
+        "may_deploy": permissions.may_deploy_in(user, release.environment),
         "decision_form": DecisionForm(),
         "failed_step": next((s for s in steps if s.status == "failed"), None),
         "actions": selectors.person_actions(release, steps),
@@ -464,11 +483,12 @@ def release_log_download(request, release_id: int):
     return response
 
 
-def _act(request, release_id: int, service, done: str, **kwargs):
+def _act(request, release_id: int, service, done, **kwargs):
+    """`done`: the message, or a function of what the service returned that says it."""
     release = get_object_or_404(Release.objects.select_related("environment"), pk=release_id)
     try:
-        service(release=release, actor=request.user, source_ip=client_ip(request), **kwargs)
-        messages.success(request, done)
+        result = service(release=release, actor=request.user, source_ip=client_ip(request), **kwargs)
+        messages.success(request, done(result) if callable(done) else done)
     except services.ServiceError as exc:
         messages.warning(request, str(exc))
     except OperationalError as exc:
@@ -481,7 +501,7 @@ def _act(request, release_id: int, service, done: str, **kwargs):
 # The role is checked before the release is looked up (by `needs`), so a
 # person without it gets the same 403 whether or not the release exists.
 @require_POST
-@approver
+@needs(permissions.can_approve, "the approver role", refused=_gate_refused)
 def release_decide(request, release_id: int, key: str, decision: str):
     if decision not in ("approve", "reject"):
         raise Http404("approve or reject")
@@ -495,8 +515,24 @@ def release_decide(request, release_id: int, key: str, decision: str):
         return render(request, "releases/release.html", context, status=400)
     comment = form.cleaned_data["comment"]
     if decision == "approve":
-        return _act(request, release_id, services.gate_approve, f"Approved {key}.", key=key, comment=comment)
+        def approved(step):
+            if step.status != "awaiting_approval":
+                return f"Approved {key}."
+            given, needed = step.approvals.filter(decision="approve").count(), permissions.approvals_required(step.release)
+            return f"Approved {key}: {given} of {needed} approvals; someone else gives the next one."
+        return _act(request, release_id, services.gate_approve, approved, key=key, comment=comment)
     return _act(request, release_id, services.gate_reject, f"Rejected {key}.", key=key, comment=comment)
+
+
+@require_POST
+@needs(permissions.can_approve, "the approver role", refused=_gate_refused)
+def release_assign(request, release_id: int, key: str, decision: str):
+    """Assign to me, or Unassign: not a lock, only who has taken the gate."""
+    if decision == "assign":
+        return _act(request, release_id, services.gate_assign, f"You have taken {key}.", key=key)
+    if decision == "unassign":
+        return _act(request, release_id, services.gate_unassign, f"Nobody has taken {key} now.", key=key)
+    raise Http404("assign or unassign")
 
 
 ACTIONS = {
@@ -504,10 +540,11 @@ ACTIONS = {
     "retry": (services.release_retry, "Retrying the failed step."),
     "rollback": (services.release_rollback, "Rolling back."),
 }
+ACTION_VERBS = {"cancel": "cancelling a release", "retry": "retrying a release", "rollback": "rolling back"}
 
 
 @require_POST
-@deployer
+@needs(permissions.can_deploy, "the deployer role", refused=_action_refused)
 def release_action(request, release_id: int, action: str):
     if action not in ACTIONS:
         raise Http404("cancel, retry or rollback")

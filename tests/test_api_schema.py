@@ -43,7 +43,7 @@ def test_the_schema_is_valid_openapi_with_no_warnings(tmp_path):
     assert text.startswith("openapi: 3.0")
     for path in ("/api/environments/", "/api/environments/{name}/preflight", "/api/releases/", "/api/releases/{release_id}/", "/api/releases/{release_id}/logs/",
                  "/api/releases/{release_id}/gates/{key}/approve", "/api/releases/{release_id}/gates/{key}/reject",
-                 "/api/releases/{release_id}/cancel", "/api/releases/{release_id}/retry",
+                 "/api/releases/{release_id}/gates/{key}/assignee", "/api/releases/{release_id}/cancel", "/api/releases/{release_id}/retry",
                  "/api/releases/{release_id}/rollback", "/api/audit/"):
         assert f"  {path}:\n" in text, path
 
@@ -134,6 +134,7 @@ def settle(release_id: int) -> None:
 OPERATIONS = [
     ("GET", "/api/environments/"), ("POST", "/api/environments/{name}/preflight"), ("POST", "/api/releases/"), ("GET", "/api/releases/{release_id}/"),
     ("POST", "/api/releases/{release_id}/gates/{key}/approve"), ("POST", "/api/releases/{release_id}/gates/{key}/reject"),
+    ("POST", "/api/releases/{release_id}/gates/{key}/assignee"), ("DELETE", "/api/releases/{release_id}/gates/{key}/assignee"),
     ("POST", "/api/releases/{release_id}/cancel"), ("POST", "/api/releases/{release_id}/retry"),
     ("POST", "/api/releases/{release_id}/rollback"), ("GET", "/api/releases/{release_id}/logs/"), ("GET", "/api/audit/"),
 ]

@@ -162,6 +162,8 @@ def test_a_hostile_gate_comment_is_kept_exactly_or_refused_with_json(environment
             environment=environment, revision="v2", actor=dana)
         Release.objects.filter(pk=release.pk).update(status=Release.Status.AWAITING_APPROVAL)
         Step.objects.filter(release=release, key="verify_directly").update(status=Step.Status.AWAITING_APPROVAL)
+        # a gate opens once, and takes one decision per person (issue 11): reopened by hand, it starts afresh
+        Approval.objects.filter(step__release=release).delete()
         before = stored()
         response = post_json(api(ravi), f"/api/releases/{release.pk}/gates/verify_directly/approve", {"comment": comment})
 
