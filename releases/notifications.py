@@ -278,7 +278,7 @@ def _gate(step: Step, release: Release, *, decision: str | None = None, comment:
         "deadline": _iso(step.deadline),
         "may_decide": {
             "groups": [g.name for g in permissions.gate_groups(environment, step.key)],  # none: every approver
-            "approvals_required": environment.approvals_required,
+            "approvals_required": permissions.approvals_required(release),  # as frozen with the release
             "not": release.requested_by.get_username() if four_eyes else None,  # four eyes: never who started it
         },
         "assignee": step.assignee.get_username() if step.assignee_id else None,

@@ -19,7 +19,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from releases import services
+from django.core.mail import EmailMultiAlternatives, get_connection
+
+from releases import notifications, services
 from releases.models import AuditEvent, NotificationChannel
 from tests.helpers import SandboxProcess
 
@@ -219,19 +221,25 @@ def quiet_inbox(tmp_path_factory):
 def test_the_page_in_a_browser_shows_the_slack_button_and_the_email(quiet_inbox, browser):
     """Also the README's screenshot: $SCREENSHOTS/inbox.png (`make screenshots`), else a temporary folder."""
     info = quiet_inbox.info
-    send_email(info, "[greenlight] prepan: release #12 v2 waits for verify_directly",
-               "Release #12 of prepan (v1 -> v2), started by dana, waits for verify_directly.\n"
-               "Who may decide it: any of approver (four eyes: not dana).\n"
-               f"It rejects itself at 14:05 UTC unless someone decides it.\n\nOpen it: {RELEASE_URL}\n")
-    requests.post(channels(info)["slack"]["url"], timeout=5, json={
-        "text": "prepan: release #12 (v2) waits for verify_directly",
-        "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text":
-                f"*prepan*: release <{RELEASE_URL}|#12> `v2` waits for *verify_directly*\n"
-                "started by dana · any of: approver · decide by 14:05 UTC"}},
-            {"type": "actions", "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open the release"},
-                                              "url": RELEASE_URL, "style": "primary"}]},
-        ]}).raise_for_status()
+    # what Greenlight sends when a gate opens, in its own formats (releases/notifications.py)
+    payload = {
+        "event": "gate.opened", "actor": None,
+        "environment": {"name": "prepan", "url": "http://127.0.0.1:8000/environments/prepan/"},
+        "release": {"id": 12, "url": RELEASE_URL, "revision": "v2", "strategy": "bake", "status": "awaiting_approval",
+                    "started_by": "dana", "error": "", "failed_step": None},
+        "gate": {"key": "verify_directly", "status": "awaiting_approval", "opened_at": "2026-11-29T13:05:00Z",
+                 "deadline": "2026-11-29T14:05:00Z", "assignee": None, "decision": None, "comment": "", "approvals": [],
+                 "may_decide": {"groups": ["release-managers"], "approvals_required": 2, "not": "dana"}},
+    }
+    payload["text"] = notifications.headline(payload)
+    subject, text, html = notifications.email_message(payload)
+    mail = EmailMultiAlternatives(subject, text, "Greenlight <greenlight@example.com>", ["ops@example.com"],
+                                  connection=get_connection("django.core.mail.backends.smtp.EmailBackend",
+                                                            host=info["inbox"]["smtp_host"], port=info["inbox"]["smtp_port"]))
+    mail.attach_alternative(html, "text/html")
+    mail.send()
+    requests.post(channels(info)["slack"]["url"], data=notifications.slack_body(payload), timeout=5,
+                  headers={"Content-Type": "application/json"}).raise_for_status()
 
     context = browser.new_context(viewport={"width": 1100, "height": 800})
     page = context.new_page()
@@ -239,11 +247,12 @@ def test_the_page_in_a_browser_shows_the_slack_button_and_the_email(quiet_inbox,
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     try:
         page.goto(info["inbox"]["url"])
-        button = page.locator("a.sbutton", has_text="Open the release")
+        button = page.locator("a.sbutton", has_text="Open release #12")
         assert button.get_attribute("href") == RELEASE_URL and button.is_visible()
         assert page.locator(".ssender b").first.inner_text() == "Greenlight"
-        assert "[greenlight] prepan: release #12 v2 waits for verify_directly" in page.locator(".email .subject").inner_text()
-        assert page.locator(".mailbody a").get_attribute("href") == RELEASE_URL
+        assert subject.startswith("[greenlight] prepan: release #12 v2 waits for verify_directly")
+        assert subject in page.locator(".email .subject").inner_text()
+        assert page.locator(".mailbody a").first.get_attribute("href") == RELEASE_URL
         assert page.locator("nav.kinds a.on").inner_text() == "Everything (2)"
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "inbox.png"), full_page=True)
