@@ -170,13 +170,13 @@ def _refuse(release: Release, action: str, what: str) -> None:
         raise Conflict(f"release {release.pk} is {release.status}; {what}", status=release.status)
 
 
+@_records_refusals
 def environment_preflight(*, environment: Environment, actor, revision: str = "", strategy: str = "",
                           source_ip: str | None = None) -> list[dict]:
     """Every check a release of `environment` depends on, run by a worker;
-    changes nothing (releases/preflight.py). Needs the deployer role: it
+    changes nothing (releases/preflight.py). Needs who may deploy there: it
     changes nothing, but it calls AWS and SSH with the workers' credentials."""
-    if not permissions.can_deploy(actor):
-        raise NotAllowed("running a preflight needs the deployer role")
+    _may_deploy(environment, actor, "running a preflight", attempted="preflight")
     if strategy and strategy not in plan.STRATEGIES:
         raise BadInput(f"unknown strategy {strategy!r}; choose {' or '.join(plan.STRATEGIES)}", field="strategy")
     if revision:
@@ -510,14 +510,18 @@ def _sandbox_channels(environment: Environment, inbox: dict) -> list[str]:
     return names
 
 
+@_records_refusals
 def environment_ssh_config_export(*, environment: Environment, actor, source_ip: str | None = None) -> bytes:
     """The environment's ssh config and known_hosts as a zip, for a person to
     unzip into ~/.ssh/ (the config's UserKnownHostsFile points there). It maps
-    the fleet's addresses and the workers' key paths, never a key: recorded."""
+    the fleet's addresses and the workers' key paths, never a key: recorded.
+    For who may deploy there."""
     import io
     import zipfile
 
     from . import selectors
+
+    _may_deploy(environment, actor, "downloading an ssh config", attempted="ssh_config")
 
     folder = f"greenlight-{environment.name}"
     config, known_hosts = selectors.environment_ssh_config(environment, known_hosts=f"~/.ssh/{folder}/known_hosts")

@@ -122,7 +122,10 @@ def environment_detail(request, name: str):
 def environment_preflight(request, name: str):
     """The Check button: a worker runs the preflight; the page shows its answer."""
     environment = get_object_or_404(Environment.objects.select_related("recipe"), name=name)
-    checks = services.environment_preflight(environment=environment, actor=request.user, source_ip=client_ip(request))
+    try:
+        checks = services.environment_preflight(environment=environment, actor=request.user, source_ip=client_ip(request))
+    except services.NotAllowed as exc:  # not in the environment's deploy groups
+        return HttpResponseForbidden(render(request, "403.html", {"needed": str(exc)}).content)
     try:
         instances, error = selectors.environment_instances(environment), ""
     except AdapterError as exc:
@@ -145,6 +148,8 @@ def environment_ssh_config(request, name: str):
     except AdapterError as exc:
         messages.warning(request, f"Could not list the instances: {exc}")
         return redirect("environment", name=name)
+    except services.NotAllowed as exc:  # not in the environment's deploy groups
+        return HttpResponseForbidden(render(request, "403.html", {"needed": str(exc)}).content)
     response = HttpResponse(data, content_type="application/zip")
     response["Content-Disposition"] = f'attachment; filename="greenlight-{environment.name}-ssh.zip"'
     return response

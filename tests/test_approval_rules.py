@@ -344,6 +344,26 @@ def test_deploy_groups_on_the_pages_hide_the_environment_and_the_buttons_and_ref
     assert f"/releases/{release.pk}/cancel/" in client.get(f"/releases/{release.pk}/").content.decode()
 
 
+def test_deploy_groups_also_guard_the_preflight_and_the_ssh_config_download(client, environment, managers):  # noqa: F811
+    """Both use the workers' credentials or map the fleet: who may not deploy here may not run them either."""
+    needs(environment, 1, deploy_groups=[managers])
+    dev = person("dev", "deployer")
+
+    by_api = api(dev).post("/api/environments/prepan/preflight")
+    client.force_login(dev)
+    by_button = client.post("/environments/prepan/preflight/")
+    download = client.get("/environments/prepan/ssh-config.zip")
+    page = client.get("/environments/prepan/").content.decode()
+
+    assert by_api.status_code == 403
+    assert by_api.json()["error"] == "running a preflight in prepan needs one of the groups release-managers"
+    assert by_button.status_code == 403 and download.status_code == 403
+    assert "downloading an ssh config in prepan needs one of the groups release-managers" in html.unescape(
+        download.content.decode())
+    assert "/environments/prepan/preflight/" not in page and "/environments/prepan/ssh-config.zip" not in page
+    assert sorted(e.details["attempted"] for e in refusals(reason="group")) == ["preflight", "preflight", "ssh_config"]
+
+
 def test_a_viewer_s_release_action_through_the_api_and_the_page_is_audited(client, environment, dana):  # noqa: F811
     release = services.release_create(environment=environment, revision="v2", actor=dana)
     vic = person("vic", "viewer")
