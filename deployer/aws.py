@@ -11,7 +11,9 @@ error comes out as one AdapterError with a readable message.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -35,6 +37,22 @@ TAG_SLOT = "greenlight:slot"
 TAG_REVISION = "greenlight:revision"
 TAG_DEREGISTERED_IMAGE = "greenlight:deregistered-image"  # on a snapshot whose image the clean-up deregisters
 SANDBOX_CREDENTIALS = ("sandbox", "sandbox")
+SANDBOX_REGION = "us-west-1"  # the sandbox's own (deployer/sandbox/runner.py), whatever botocore lists
+# An access key id (long-term AKIA, temporary ASIA): a value shaped so is a key, never a reference to one.
+ACCESS_KEY_ID = re.compile(r"(?:AKIA|ASIA)[A-Z0-9]{16}")
+
+
+def looks_like_access_key(value: str) -> bool:
+    return bool(value) and ACCESS_KEY_ID.search(value) is not None
+
+
+@functools.cache
+def ec2_regions() -> frozenset[str]:
+    """Every EC2 region botocore knows, in every partition (aws, aws-cn,
+    aws-us-gov, ...): read from botocore's own data, with no request."""
+    session = boto3.session.Session()
+    return frozenset({SANDBOX_REGION}.union(*(session.get_available_regions("ec2", partition_name=partition)
+                                              for partition in session.get_available_partitions())))
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,9 @@ class Account:
         """Credentials are a reference, resolved on the worker, never stored keys:
         "" (boto3's default chain), "profile:NAME", "env:PREFIX" (PREFIX_ACCESS_KEY_ID,
         PREFIX_SECRET_ACCESS_KEY and, for temporary keys, PREFIX_SESSION_TOKEN), or "sandbox"."""
+        if looks_like_access_key(credentials):
+            raise AdapterError("the credentials reference holds an access key id (not shown): store a reference, "
+                               'such as "profile:NAME" or "env:PREFIX", never the keys')
         kind, _, value = credentials.partition(":")
         endpoint = endpoint_url or None
         if not credentials:
@@ -68,7 +89,9 @@ class Account:
             return cls(region, endpoint, key_id, secret, session_token=os.environ.get(f"{value}_SESSION_TOKEN") or None)
         if credentials == "sandbox":
             return cls(region, endpoint, *SANDBOX_CREDENTIALS)
-        raise AdapterError(f"unknown credentials reference {credentials!r}")
+        # never echoed: a person may have pasted a key here
+        raise AdapterError('the credentials reference is not one of "", "profile:NAME", "env:PREFIX" or "sandbox" '
+                           "(it is not shown: it may be a key)")
 
 
 def credential_values(account: Account) -> list[str]:

@@ -1,7 +1,11 @@
+import ipaddress
 import json
+import re
 
 from django import forms
 from django.contrib.auth.models import Group
+
+from deployer import aws
 
 from . import permissions, plan
 from .models import APPROVALS_MAX, Environment, NotificationChannel, Recipe
@@ -57,6 +61,84 @@ class RecipeForm(forms.ModelForm):
 
 
 ACCESS_GROUPS = ("deploy_groups", "verify_groups", "swap_groups")
+# What AWS ids look like: a prefix and 8 (older resources) or 17 hex digits
+AWS_ID = {prefix: re.compile(rf"{prefix}-[0-9a-f]{{8,17}}") for prefix in ("ami", "subnet", "sg")}
+AWS_ID_EXAMPLE = {"ami": "ami-0abcdef1234567890", "subnet": "subnet-0abcdef1234567890", "sg": "sg-0abcdef1234567890"}
+CREDENTIALS_REFERENCE = re.compile(r"(?:profile:[\w.@+-]{1,64}|env:[A-Za-z_][A-Za-z0-9_]{0,63}|sandbox)?")
+PORT_RANGE = (1, 65535)
+
+
+def aws_id_error(prefix: str, value: str) -> str | None:
+    if AWS_ID[prefix].fullmatch(value):
+        return None
+    return f"{value[:80]!r} is not shaped like {prefix}- and 8 or 17 hex digits, such as {AWS_ID_EXAMPLE[prefix]}"
+
+
+class IdListField(forms.Field):
+    """A list of AWS ids typed one per line or separated by commas (a JSON
+    list, as scripts posted before, is read too); the model keeps a list."""
+
+    widget = forms.Textarea(attrs={"rows": 2, "class": "code"})
+
+    def __init__(self, *, prefix: str, **kwargs):
+        self.prefix = prefix
+        kwargs.setdefault("required", False)
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value):
+        if isinstance(value, list):
+            return "\n".join(str(v) for v in value)
+        return value
+
+    def to_python(self, value) -> list[str]:
+        if value in (None, ""):
+            return []
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        text = str(value).strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, list):
+                return [str(v).strip() for v in parsed if str(v).strip()]
+            text = text.strip("[]")
+        return [item.strip().strip("\"'") for item in re.split(r"[,\s]+", text) if item.strip().strip("\"'")]
+
+    def validate(self, value: list[str]) -> None:
+        super().validate(value)
+        bad = [aws_id_error(self.prefix, v) for v in value if aws_id_error(self.prefix, v)]
+        if bad:
+            raise forms.ValidationError(bad[0] + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else ""))
+        if len(set(value)) != len(value):
+            raise forms.ValidationError("each id once")
+
+    def has_changed(self, initial, data) -> bool:
+        try:
+            return self.to_python(initial) != self.to_python(data)
+        except forms.ValidationError:
+            return True
+
+
+class CredentialsInput(forms.TextInput):
+    """Never renders a value shaped like an access key, whether a person
+    just typed it or it was stored before the form refused such values."""
+
+    def format_value(self, value):
+        if value and aws.looks_like_access_key(str(value)):
+            return None
+        return super().format_value(value)
+
+
+def _credentials_shown(reference: str) -> str:
+    if aws.looks_like_access_key(reference):
+        return "an access key, not shown: replace it with a reference"
+    return reference or "default credentials"
+
+
+def _first_lower(label: str) -> str:
+    return label if label[1:2].isupper() else label[:1].lower() + label[1:]
 
 
 class EnvironmentForm(forms.ModelForm):
@@ -64,15 +146,87 @@ class EnvironmentForm(forms.ModelForm):
     (permissions.ENVIRONMENT_DEPLOYER_FIELDS), the rest shown disabled. A
     request that sends a locked field with another value (a checkbox left
     unticked included) is refused with an error on that field, never
-    saved and never silently dropped."""
+    saved and never silently dropped.
+
+    Every field is checked in the one pass: the form's own rules below, the
+    model's (Environment.clean), all reported together."""
+
+    security_group_ids = IdListField(prefix="sg", label="Security groups",
+                                     help_text="for new instances: sg- ids, one per line or separated by commas")
+    extra_subnet_ids = IdListField(prefix="subnet", label="More subnets",
+                                   help_text="in other availability zones, one per line or separated by commas: the canary "
+                                             "goes in the subnet above, clones are spread over all of them")
+
+    # (legend, fields): the page shows the form in these groups, in this order
+    FIELDSETS = (
+        ("AWS", ("name", "region", "aws_endpoint_url", "aws_credentials")),
+        ("Load balancer", ("load_balancer_name", "target_group_arn", "public_url")),
+        ("Instances", ("base_ami", "instance_type", "key_name", "subnet_id", "extra_subnet_ids", "security_group_ids",
+                       "name_prefix", "desired_count", "address", "public_ip", "instance_profile", "root_volume_size",
+                       "root_volume_type", "root_volume_encrypted", "require_imdsv2", "extra_tags", "user_data")),
+        ("SSH", ("ssh_user", "ssh_port", "ssh_key_file", "bastion_host", "bastion_port", "bastion_user", "bastion_key_file",
+                 "bastion_host_key")),
+        ("App and checks", ("repository", "recipe", "app_port", "health_path", "expected_text", "verify_security_group_id",
+                            "verify_cidr", "verify_url_template")),
+        ("Gates and access", ("four_eyes", "approvals_required", "deploy_groups", "verify_groups", "swap_groups",
+                              "gate_timeout", "gate_reminder")),
+        ("Timeouts and clean-up", ("instance_timeout", "ssh_timeout", "image_timeout", "smoke_timeout", "command_timeout",
+                                   "retention", "images_kept")),
+    )
 
     class Meta:
         model = Environment
         # time_scale says how fast the cloud's clock runs; only an administrator sets it (in the admin)
         exclude = ["last_baked_ami", "time_scale"]
-        widgets = {"security_group_ids": forms.TextInput(), "extra_subnet_ids": forms.TextInput(), "extra_tags": forms.TextInput(),
+        widgets = {"extra_tags": forms.TextInput(attrs={"class": "code"}),
+                   "region": forms.TextInput(attrs={"list": "aws-regions", "autocomplete": "off"}),
+                   "aws_credentials": CredentialsInput(attrs={"autocomplete": "off"}),
                    **{name: forms.CheckboxSelectMultiple(attrs={"class": "choices"}) for name in ACCESS_GROUPS},
                    "approvals_required": forms.NumberInput(attrs={"min": 1, "max": APPROVALS_MAX})}
+        labels = {
+            "name": "Name", "region": "AWS region", "aws_endpoint_url": "AWS endpoint URL",
+            "aws_credentials": "Credentials reference", "load_balancer_name": "Classic load balancer name",
+            "target_group_arn": "Target group ARN", "public_url": "Public URL",
+            "verify_security_group_id": "Direct-check security group", "verify_cidr": "Direct-check allowed CIDR",
+            "app_port": "App port", "health_path": "Health check path", "expected_text": "Expected text on /",
+            "ssh_user": "SSH user", "ssh_port": "SSH port", "ssh_key_file": "SSH private key file",
+            "address": "Reach instances at", "instance_type": "Instance type", "subnet_id": "Subnet",
+            "key_name": "Key pair name", "base_ami": "Base image (AMI)", "name_prefix": "Name tag prefix",
+            "desired_count": "Fleet size", "repository": "Git repository", "recipe": "Recipe", "four_eyes": "Four eyes",
+            "gate_timeout": "Gate timeout (seconds)", "retention": "Keep old instances stopped for (seconds)",
+            "instance_timeout": "Instance start and stop timeout (seconds)", "ssh_timeout": "SSH timeout (seconds)",
+            "image_timeout": "Image timeout (seconds)", "smoke_timeout": "Smoke check timeout (seconds)",
+            "command_timeout": "Command timeout (seconds)", "instance_profile": "IAM instance profile",
+            "user_data": "User data", "root_volume_size": "Root volume size (GiB)", "root_volume_type": "Root volume type",
+            "root_volume_encrypted": "Encrypt the root volume", "require_imdsv2": "Require IMDSv2",
+            "public_ip": "Public IP address", "extra_tags": "Extra tags", "bastion_host": "Bastion host",
+            "bastion_port": "Bastion SSH port", "bastion_user": "Bastion user", "bastion_key_file": "Bastion private key file",
+            "bastion_host_key": "Bastion host key", "verify_url_template": "Direct-check URL",
+            "images_kept": "Baked images kept", "deploy_groups": "Who may deploy",
+            "verify_groups": "Who may decide the direct check", "swap_groups": "Who may decide the swap",
+            "approvals_required": "Approvals per gate", "gate_reminder": "Gate reminder (seconds before the deadline)",
+        }
+        help_texts = {
+            "name": "letters, digits, hyphens and underscores: it appears in URLs and tags",
+            "region": "such as eu-west-1: an EC2 region botocore knows",
+            "aws_credentials": 'a reference, never the keys: empty (the workers\' default chain), "profile:NAME", '
+                               '"env:PREFIX" (PREFIX_ACCESS_KEY_ID / PREFIX_SECRET_ACCESS_KEY on the workers), or "sandbox"',
+            "load_balancer_name": "a classic ELB; or leave it empty and give a target group",
+            "target_group_arn": "an ELBv2 target group (application or network load balancer); or leave it empty and "
+                                "name a classic load balancer",
+            "verify_security_group_id": "sg- id: while a person checks the canary, Greenlight opens the app port here "
+                                        "to the CIDR below",
+            "verify_cidr": "who may reach the canary directly, such as 203.0.113.7/32",
+            "app_port": "the port the app listens on, from 1 to 65535",
+            "health_path": "starts with /; answers 200 when the app is healthy",
+            "ssh_port": "from 1 to 65535",
+            "subnet_id": "subnet- id: the canary's, and the first of the clones'",
+            "key_name": "the EC2 key pair new instances get",
+            "base_ami": "ami- id: what a bake starts from",
+            "name_prefix": "new instances are tagged Name=<prefix><n>",
+            "desired_count": "instances in the fleet, the canary included",
+            "extra_tags": 'more tags for new instances, as JSON: {"team": "web"}',
+        }
 
     # Settings added after the form's first scripts were written: left out of a
     # post, each takes its default rather than being required.
@@ -88,6 +242,86 @@ class EnvironmentForm(forms.ModelForm):
         self.locked = [] if maintainer else [n for n in self.fields if n not in permissions.ENVIRONMENT_DEPLOYER_FIELDS]
         for name in self.locked:
             self.fields[name].disabled = True
+
+    def fieldsets(self):
+        """(legend, bound fields) in FIELDSETS' order; a field no group names comes last, under "More"."""
+        named = {name for _, names in self.FIELDSETS for name in names}
+        groups = [(legend, [self[name] for name in names if name in self.fields]) for legend, names in self.FIELDSETS]
+        rest = [self[name] for name in self.fields if name not in named]
+        return [(legend, fields) for legend, fields in groups + [("More", rest)] if fields]
+
+    def regions(self) -> list[str]:
+        return sorted(aws.ec2_regions())
+
+    # -- the form's own rules: each field on its own, so every error shows at once.
+    # A locked field keeps what is stored: a deployer cannot fix it, so it is not judged here.
+
+    def _checked(self, name: str):
+        return self.cleaned_data[name], name not in self.locked
+
+    def clean_region(self):
+        region, check = self._checked("region")
+        if check and region not in aws.ec2_regions():
+            raise forms.ValidationError(f"{region[:40]!r} is not an EC2 region: use one such as us-east-1 or eu-west-1.")
+        return region
+
+    def clean_aws_credentials(self):
+        credentials, check = self._checked("aws_credentials")
+        credentials = credentials.strip()
+        if not check:
+            return credentials
+        if aws.looks_like_access_key(credentials):
+            # never echoed, here or anywhere: it is a key
+            raise forms.ValidationError("That is an access key, not a reference to one, and it was not saved: store the keys "
+                                        'on the workers and name them here ("profile:NAME" or "env:PREFIX"). Consider the '
+                                        "key exposed and rotate it.", code="access_key")
+        if not CREDENTIALS_REFERENCE.fullmatch(credentials):
+            raise forms.ValidationError('Not a credentials reference (it is not shown: it may be a secret): leave it empty, '
+                                        'or use "profile:NAME", "env:PREFIX" or "sandbox".')
+        return credentials
+
+    def clean_verify_cidr(self):
+        cidr, check = self._checked("verify_cidr")
+        if check:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=True)
+            except ValueError as exc:
+                raise forms.ValidationError(f"{cidr[:60]!r} is not a CIDR block ({exc}): such as 203.0.113.7/32.") from None
+        return cidr.strip()
+
+    def _port(self, name: str):
+        port, check = self._checked(name)
+        if check and port is not None and not PORT_RANGE[0] <= port <= PORT_RANGE[1]:
+            raise forms.ValidationError(f"A port is from {PORT_RANGE[0]} to {PORT_RANGE[1]}.")
+        return port
+
+    def clean_app_port(self):
+        return self._port("app_port")
+
+    def clean_ssh_port(self):
+        return self._port("ssh_port")
+
+    def clean_health_path(self):
+        path, check = self._checked("health_path")
+        if check and not path.startswith("/"):
+            raise forms.ValidationError(f"A path on the instance, starting with /: /{path.lstrip('/')[:60]}?")
+        return path
+
+    def _aws_id(self, name: str, prefix: str):
+        value, check = self._checked(name)
+        value = value.strip()
+        if check and value and (error := aws_id_error(prefix, value)):
+            raise forms.ValidationError(error)
+        return value
+
+    def clean_base_ami(self):
+        return self._aws_id("base_ami", "ami")
+
+    def clean_subnet_id(self):
+        return self._aws_id("subnet_id", "subnet")
+
+    def clean_verify_security_group_id(self):
+        return self._aws_id("verify_security_group_id", "sg")
 
     def clean(self):
         data = super().clean()
@@ -111,7 +345,7 @@ class EnvironmentForm(forms.ModelForm):
                 finally:
                     field.disabled = True
                 if changed:
-                    self.add_error(name, f"Only a maintainer may change {field.label.lower()}.")
+                    self.add_error(name, f"Only a maintainer may change {_first_lower(field.label)}.")
         return data
 
 
@@ -145,7 +379,7 @@ class ImportLookupForm(forms.Form):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["account"].choices = [(AWS_ITSELF, "AWS itself (the workers' default credentials)")] + [
-            (f"environment:{e.name}", f"as {e.name} ({e.aws_endpoint_url or 'AWS'}, {e.aws_credentials or 'default credentials'})")
+            (f"environment:{e.name}", f"as {e.name} ({e.aws_endpoint_url or 'AWS'}, {_credentials_shown(e.aws_credentials)})")
             for e in Environment.objects.order_by("name")
         ]
 

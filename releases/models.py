@@ -10,7 +10,7 @@ import re
 import uuid
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -94,7 +94,7 @@ def launch_setting_errors(environment) -> dict[str, str]:
         errors["extra_tags"] = f"the value of {bad[0]!r} is longer than 256 characters"
     subnets = environment.extra_subnet_ids
     if not isinstance(subnets, list) or not all(isinstance(x, str) and x.startswith("subnet-") for x in subnets):
-        errors["extra_subnet_ids"] = 'a list of subnet ids: ["subnet-0abc...", "subnet-0def..."]'
+        errors["extra_subnet_ids"] = "subnet ids, such as subnet-0abc..., one per line"
     elif environment.subnet_id in subnets or len(set(subnets)) != len(subnets):
         errors["extra_subnet_ids"] = "each subnet once, and not the first subnet again"
     if environment.root_volume_size is not None and not 1 <= environment.root_volume_size <= 16384:
@@ -253,14 +253,16 @@ class Environment(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     def clean(self):
+        # every error at once, never one per save
+        errors = {}
         if bool(self.load_balancer_name) == bool(self.target_group_arn):
-            raise ValidationError("set either a classic load balancer name or an ELBv2 target group ARN, not both")
-        if self.desired_count < 1:
-            raise ValidationError({"desired_count": "at least one instance"})
+            errors[NON_FIELD_ERRORS] = "set either a classic load balancer name or an ELBv2 target group ARN, not both"
+        if self.desired_count is not None and self.desired_count < 1:
+            errors["desired_count"] = "at least one instance"
         # an empty box on the form means none
         self.extra_tags = {} if self.extra_tags is None else self.extra_tags
         self.extra_subnet_ids = [] if self.extra_subnet_ids is None else self.extra_subnet_ids
-        errors = launch_setting_errors(self)
+        errors |= launch_setting_errors(self)
         if not 1 <= (self.approvals_required or 0) <= APPROVALS_MAX:
             errors["approvals_required"] = f"from 1 to {APPROVALS_MAX} distinct people"
         if errors:

@@ -316,7 +316,7 @@ def environment_import(request):
                 "app_port": found["instance_port"] or 80,
                 "health_path": found["health_path"] or "/health",
                 "subnet_id": first.get("subnet_id") or (found["subnets"][0] if found["subnets"] else ""),
-                "security_group_ids": json.dumps(first.get("security_groups") or found["security_groups"]),
+                "security_group_ids": list(first.get("security_groups") or found["security_groups"]),
                 "key_name": first.get("key_name", ""),
                 "base_ami": first.get("image_id", ""),
                 "instance_type": first.get("instance_type", "t3.micro"),

@@ -14,8 +14,8 @@ def environment():
     recipe = Recipe.objects.create(name="tiny", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
     return Environment.objects.create(
         name="prepan", region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
-        load_balancer_name="prepan", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
-        ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name="prepan", base_ami="ami-1",
+        load_balancer_name="prepan", public_url="http://127.0.0.1:2", verify_security_group_id="sg-0123456789abcdef0",
+        ssh_key_file="/nonexistent", subnet_id="subnet-0123456789abcdef0", key_name="prepan", base_ami="ami-0123456789abcdef0",
         repository="file:///nonexistent", recipe=recipe,
     )
 

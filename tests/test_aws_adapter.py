@@ -48,8 +48,11 @@ def test_credentials_are_references_and_never_printed(monkeypatch):
     assert "wJalr" not in repr(account) and "AKIA" not in repr(account)
     with pytest.raises(AdapterError, match="MISSING_ACCESS_KEY_ID and MISSING_SECRET_ACCESS_KEY are not set"):
         aws.Account.from_reference("us-west-1", "", "env:MISSING")
-    with pytest.raises(AdapterError, match="unknown credentials reference"):
+    with pytest.raises(AdapterError, match="is not one of") as unknown:
         aws.Account.from_reference("us-west-1", "", "AKIAEXAMPLE:secret")
+    with pytest.raises(AdapterError, match="holds an access key id") as key:
+        aws.Account.from_reference("us-west-1", "", "profile:AKIAIOSFODNN7EXAMPLE")
+    assert "AKIA" not in str(unknown.value) + str(key.value)
 
 
 def test_a_profile_reference_gives_a_task_that_profile_s_keys_and_never_the_worker_s(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """Importing an environment from a load balancer that already exists."""
 
 import html
-import json
 import re
 
 import pytest
@@ -20,8 +19,8 @@ def sandbox_account(info: dict) -> str:
     recipe = Recipe.objects.get_or_create(name="account", defaults={"definition": info["recipe"]})[0]
     Environment.objects.create(
         name="sandbox-account", region=info["region"], aws_endpoint_url=info["aws_endpoint_url"], aws_credentials="sandbox",
-        load_balancer_name="account", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1", ssh_key_file="/nonexistent",
-        subnet_id="subnet-1", key_name="account", base_ami="ami-1", repository="https://example.invalid/app.git", recipe=recipe)
+        load_balancer_name="account", public_url="http://127.0.0.1:2", verify_security_group_id="sg-0123456789abcdef0", ssh_key_file="/nonexistent",
+        subnet_id="subnet-0123456789abcdef0", key_name="account", base_ami="ami-0123456789abcdef0", repository="https://example.invalid/app.git", recipe=recipe)
     return "environment:sandbox-account"
 
 
@@ -42,7 +41,7 @@ def test_it_shows_the_instances_and_fills_in_what_aws_knows_then_saves(client, s
     form = {
         **lookup, "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox",
         "name": "prepan", "public_url": info["load_balancer_url"], "verify_security_group_id": info["verify_security_group_id"],
-        "verify_cidr": "127.0.0.1/32", "security_group_ids": json.dumps([info["app_security_group_id"]]), "app_port": "8080",
+        "verify_cidr": "127.0.0.1/32", "security_group_ids": info["app_security_group_id"], "app_port": "8080",
         "health_path": "/health", "expected_text": "{revision}", "ssh_user": "ec2-user", "ssh_port": str(info["ssh_port"]),
         "ssh_key_file": info["ssh_key_file"], "address": "private", "instance_type": "t3.micro", "subnet_id": info["subnet_id"],
         "key_name": info["key_name"], "base_ami": info["base_ami"], "name_prefix": "app-", "desired_count": "2",
@@ -101,7 +100,7 @@ def test_it_reads_a_target_group_fills_in_what_aws_knows_and_saves_it(client, al
         **lookup, "aws_endpoint_url": info["aws_endpoint_url"], "aws_credentials": "sandbox", "load_balancer_name": "",
         "name": "prepan", "public_url": info["load_balancer_url"],
         "verify_security_group_id": info["verify_security_group_id"], "verify_cidr": "127.0.0.1/32",
-        "security_group_ids": json.dumps([info["app_security_group_id"]]), "app_port": "8080", "health_path": "/health",
+        "security_group_ids": info["app_security_group_id"], "app_port": "8080", "health_path": "/health",
         "expected_text": "{revision}", "ssh_user": "ec2-user", "ssh_port": str(info["ssh_port"]), "ssh_key_file": info["ssh_key_file"],
         "address": "private", "instance_type": "t3.micro", "subnet_id": info["subnet_id"], "key_name": info["key_name"],
         "base_ami": info["base_ami"], "name_prefix": "app-", "desired_count": "1", "repository": info["repository"],

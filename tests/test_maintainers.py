@@ -25,7 +25,9 @@ EVIL = {"tasks": {"deploy:update": {"run": "local", "commands": ["cat var/secret
 def form_data(environment, **changes) -> dict:  # noqa: F811
     """What the environment form posts, unchanged but for `changes` (a False unticks)."""
     data = {k: v for k, v in model_to_dict(environment).items() if v is not None and k not in ("last_baked_ami", "time_scale")}
-    data.update({name: json.dumps(getattr(environment, name)) for name in ("security_group_ids", "extra_tags", "extra_subnet_ids")})
+    # lists of ids one per line, as a person types them; the tags are JSON
+    data.update({name: "\n".join(getattr(environment, name)) for name in ("security_group_ids", "extra_subnet_ids")})
+    data["extra_tags"] = json.dumps(environment.extra_tags)
     data.update(changes)
     return {k: v for k, v in data.items() if v is not False}
 

@@ -171,7 +171,7 @@ def test_a_deployer_changes_the_fleet_size_and_the_change_is_audited_with_a_diff
 
     client = signed_in(client, "deployer", name="dana")
     data = {k: v for k, v in model_to_dict(environment).items() if v is not None}
-    data.update(desired_count=4, security_group_ids="[]", extra_tags="{}", extra_subnet_ids="[]")
+    data.update(desired_count=4, security_group_ids="", extra_tags="{}", extra_subnet_ids="")
     response = client.post("/environments/prepan/edit/", data)
 
     assert response.status_code == 302

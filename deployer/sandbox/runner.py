@@ -41,7 +41,7 @@ class Config:
     ssh_port: int = 2222
     ssh_user: str = "ec2-user"
     app_port: int = 8080
-    region: str = "us-west-1"
+    region: str = aws.SANDBOX_REGION
     environments: tuple[str, ...] = ("prepan",)
     instance_type: str = "t3.micro"
     health_path: str = "/health"
