@@ -198,3 +198,23 @@ def test_a_deployer_saves_the_fleet_size_where_a_locked_field_holds_a_value_the_
     assert response.status_code == 302, field_errors(response)
     assert Environment.objects.get(pk=environment.pk).desired_count == 3
     assert "Only a maintainer may change AWS region." in field_errors(refused)["region"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_the_browser_the_keyboard_starts_at_the_first_field_to_fix(environment, web_server, browser):  # noqa: F811
+    from tests.test_browser import sign_in
+
+    person("mia", "maintainer")
+    page = sign_in(browser, web_server, "mia")
+    page.goto(f"{web_server}{URL}")
+    page.get_by_label("AWS region").fill("mars-1")
+    page.get_by_label("Health check path").fill("health")
+    page.get_by_role("button", name="Save").click()
+    page.wait_for_selector(".error-summary")
+
+    assert page.evaluate("document.activeElement.id") == "id_region"  # the first, in the page's order
+    assert page.get_by_label("AWS region").get_attribute("aria-describedby") == "id_region_helptext id_region_error"
+    assert "is not an EC2 region" in page.inner_text("#id_region_error")
+    page.click(".error-summary a[href='#id_health_path']")
+    assert page.evaluate("document.activeElement.id") == "id_health_path"
+    assert page.csp_violations == []
