@@ -284,9 +284,10 @@ class EnvironmentForm(forms.ModelForm):
         cidr, check = self._checked("verify_cidr")
         if check:
             try:
-                ipaddress.ip_network(cidr.strip(), strict=True)
+                # IPv4 only: the rule goes in IpRanges (CidrIp), which takes no IPv6
+                ipaddress.IPv4Network(cidr.strip(), strict=True)
             except ValueError as exc:
-                raise forms.ValidationError(f"{cidr[:60]!r} is not a CIDR block ({exc}): such as 203.0.113.7/32.") from None
+                raise forms.ValidationError(f"{cidr[:60]!r} is not an IPv4 CIDR block ({exc}): such as 203.0.113.7/32.") from None
         return cidr.strip()
 
     def _port(self, name: str):

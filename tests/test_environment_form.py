@@ -42,8 +42,9 @@ def body(response) -> str:
 
 @pytest.mark.parametrize("field, value, expected", [
     ("region", "mars-1", "'mars-1' is not an EC2 region"),
-    ("verify_cidr", "10.0.0.300/33", "is not a CIDR block"),
-    ("verify_cidr", "10.0.0.1/24", "is not a CIDR block"),  # host bits set: say what is meant
+    ("verify_cidr", "10.0.0.300/33", "is not an IPv4 CIDR block"),
+    ("verify_cidr", "10.0.0.1/24", "is not an IPv4 CIDR block"),  # host bits set: say what is meant
+    ("verify_cidr", "2001:db8::/32", "is not an IPv4 CIDR block"),  # the rule is an IpRanges entry: IPv4 only
     ("app_port", "70000", "A port is from 1 to 65535."),
     ("app_port", "0", "A port is from 1 to 65535."),
     ("ssh_port", "0", "A port is from 1 to 65535."),
@@ -56,7 +57,7 @@ def body(response) -> str:
     ("extra_subnet_ids", "subnet-0123456789abcdef1, ami-0123456789abcdef1", "'ami-0123456789abcdef1' is not shaped like subnet-"),
     ("repository", "not a repo", "'not a repo' is not a repository Greenlight fetches"),
     ("aws_credentials", "profile:has spaces", "Not a credentials reference"),
-], ids=["region", "cidr", "cidr host bits", "app port high", "app port zero", "ssh port zero", "ssh port high", "health path",
+], ids=["region", "cidr", "cidr host bits", "cidr ipv6", "app port high", "app port zero", "ssh port zero", "ssh port high", "health path",
         "ami id", "subnet id", "verify sg id", "security group list", "extra subnet list", "repository", "credentials reference"])
 def test_it_refuses_a_bad_value_on_its_field_and_saves_nothing(maintainer, environment, field, value, expected):  # noqa: F811
     before = Environment.objects.get(pk=environment.pk).updated_at

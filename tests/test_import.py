@@ -36,6 +36,7 @@ def test_it_shows_the_instances_and_fills_in_what_aws_knows_then_saves(client, s
         assert instance["id"] in page and f"Name={instance['name']}" in page
     for value in (info["subnet_id"], info["key_name"], info["base_ami"], 'value="8080"', 'value="/health"'):
         assert value in page
+    assert info["app_security_group_id"] in page and '["sg-' not in page  # the groups as a list to edit, not JSON
 
     recipe = Recipe.objects.create(name="demo", definition=info["recipe"])
     form = {
