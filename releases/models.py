@@ -466,6 +466,13 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-at", "-id"]
+        indexes = [
+            # the audit page: newest first, pages of 50, whatever the filters
+            models.Index(fields=["-at", "-id"], name="audit_newest"),
+            # its dropdown of who (a loose index scan, selectors._distinct), and a release's events in order
+            models.Index(fields=["actor_name"], name="audit_actor"),
+            models.Index(fields=["release", "seq"], name="audit_release_seq"),
+        ]
 
 
 class AuditChainHead(models.Model):
