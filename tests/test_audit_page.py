@@ -204,3 +204,47 @@ def test_a_viewer_reads_the_audit_and_a_stranger_is_sent_to_sign_in(client, hist
     assert client.get("/audit/").status_code == 302 and client.get("/audit/")["Location"].startswith("/accounts/login/")
     assert client.get("/audit/?format=csv")["Location"].startswith("/accounts/login/")
     assert signed_in(client, "viewer").get("/audit/").status_code == 200
+
+
+@pytest.mark.sandbox
+@pytest.mark.django_db(transaction=True)
+def test_in_the_browser_calls_expand_and_times_show_in_the_viewer_s_zone_with_utc_on_hover(history, web_server, browser):
+    person("vera", "viewer")
+    context = browser.new_context(timezone_id="Asia/Tokyo", locale="en-US")
+    page = context.new_page()
+    refused = []
+    page.on("console", lambda message: "Content Security Policy" in message.text and refused.append(message.text))
+    page.goto(f"{web_server}/accounts/login/")
+    page.fill("#id_username", "vera")
+    page.fill("#id_password", "a-long-passphrase")
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url(f"{web_server}/")
+
+    page.goto(f"{web_server}/audit/")
+
+    calls = page.locator("details").first  # under ravi's approval, the newest action
+    assert calls.locator("summary").inner_text() == "2 AWS calls by greenlight"
+    assert not calls.locator("text=ami-0ccc").is_visible()  # folded
+    calls.locator("summary").click()
+    assert calls.locator("text=ami-0ccc").is_visible() and calls.locator("text=aws:CreateImage").is_visible()
+
+    event = AuditEvent.objects.get(action="gate.approve")
+    shown = page.locator(f'time[datetime="{event.at.isoformat()}"]').first
+    tokyo = event.at + timezone_offset_tokyo()
+    assert shown.get_attribute("title") == event.at.strftime("%Y-%m-%d %H:%M:%S UTC")  # UTC on hover
+    text = shown.inner_text()
+    assert "GMT+9" in text and tokyo.strftime("%S") in text and f"{tokyo.hour % 12 or 12}:{tokyo.strftime('%M:%S')}" in text
+
+    page.select_option("select[name=actor]", "ravi")
+    page.fill("input[name=search]", "VERIFY")
+    page.click("button:has-text('Filter')")
+    page.wait_for_url(lambda url: "actor=ravi" in url and "search=VERIFY" in url)
+    assert page.locator("table.audit > tbody > tr:not(.calls)").count() == 1
+    assert refused == []
+    context.close()
+
+
+def timezone_offset_tokyo():
+    from datetime import timedelta
+
+    return timedelta(hours=9)  # Japan keeps no summer time
