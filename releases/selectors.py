@@ -10,6 +10,7 @@ import uuid
 from datetime import datetime
 
 from django.contrib.auth import get_user_model
+from django.core.paginator import Page, Paginator
 from django.db import connection
 from django.db.models import Prefetch, Q, QuerySet
 from django.utils import timezone
@@ -19,7 +20,7 @@ from deployer.errors import AdapterError
 
 from . import audit, cleanup, engine, permissions, plan, transitions
 from .logs import line_dict
-from .models import Approval, AuditEvent, Environment, Instance, LogLine, Release, StatusChange, Step
+from .models import AUDIT_ENGINE_CALL, Approval, AuditEvent, Environment, Instance, LogLine, Release, StatusChange, Step
 
 LOG_PAGE = 5000
 
@@ -150,14 +151,21 @@ def audit_events(*, environment: str = "", actor: str = "", action: str = "", re
     return events
 
 
-# The engine's AWS calls during a release, each caused by the action before it
-# in that release (a person's, or the engine's own decision such as gate.expire).
-# The "people" view lists everything else and folds the calls under their cause.
-ENGINE_CALL = Q(actor_name=audit.ENGINE, action__startswith="aws:", release_id__isnull=False)
+ENGINE_CALL = AUDIT_ENGINE_CALL
 
 
 def audit_people(events: QuerySet) -> QuerySet:
+    """Every event but the engine's AWS calls during a release (models.AUDIT_ENGINE_CALL)."""
     return events.exclude(ENGINE_CALL)
+
+
+def audit_page(events: QuerySet, number, *, per_page: int) -> tuple[Page, list[AuditEvent]]:
+    """A page of `events` and its rows. The page is found on ids alone (an index-only
+    walk, however deep the page), then its 50 rows are read: a page near 100,000
+    events does not read every row before it."""
+    page = Paginator(events.values_list("pk", flat=True), per_page).get_page(number)
+    found = AuditEvent.objects.select_related("environment").in_bulk(list(page))
+    return page, [found[pk] for pk in page]
 
 
 def audit_calls_of(parents: list[AuditEvent]) -> dict[int, list[AuditEvent]]:

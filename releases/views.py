@@ -18,7 +18,6 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.handlers.asgi import ASGIRequest
-from django.core.paginator import Paginator
 from django.db import OperationalError
 from django.http import Http404, HttpResponse, HttpResponseForbidden, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -580,9 +579,10 @@ def audit_page(request):
         response["Content-Disposition"] = 'attachment; filename="greenlight-audit.json"'
         return response
     people = request.GET.get("view") != "everything"
-    page = Paginator(selectors.audit_people(events) if people else events, AUDIT_PAGE).get_page(request.GET.get("page"))
-    calls = selectors.audit_calls_of(list(page)) if people else {}
-    rows = [(event, calls.get(event.pk, [])) for event in page]
+    page, shown = selectors.audit_page(selectors.audit_people(events) if people else events, request.GET.get("page"),
+                                       per_page=AUDIT_PAGE)
+    calls = selectors.audit_calls_of(shown) if people else {}
+    rows = [(event, calls.get(event.pk, [])) for event in shown]
     query = request.GET.copy()
     for name in ("page", "format"):
         query.pop(name, None)
