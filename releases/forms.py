@@ -2,8 +2,10 @@ import json
 
 from django import forms
 from django.contrib.auth.models import Group
+from django.utils import timezone
 
 from . import permissions, plan
+from .params import MAX_WHOLE
 from .models import APPROVALS_MAX, Environment, NotificationChannel, Recipe
 from .services import COMMENT_LIMIT
 
@@ -128,14 +130,14 @@ class AuditFilterForm(forms.Form):
     environment = forms.ChoiceField(required=False)
     actor = forms.ChoiceField(required=False, label="Who")
     action = forms.ChoiceField(required=False)
-    release = forms.IntegerField(required=False, min_value=1)
-    since = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"}),
-                                help_text="UTC")
-    until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"}),
-                                help_text="UTC")
+    release = forms.IntegerField(required=False, min_value=1, max_value=MAX_WHOLE)
+    since = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"}))
+    until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"}))
 
     def __init__(self, *args, choices: dict[str, list[str]], **kwargs):
         super().__init__(*args, **kwargs)
+        for name in ("since", "until"):  # a naive time is read in the server's zone
+            self.fields[name].help_text = timezone.get_current_timezone_name()
         self.fields["environment"].choices = [("", "any")] + [(v, v) for v in choices["environment"]]
         self.fields["actor"].choices = [("", "anyone")] + [(v, v) for v in choices["actor"]]
         families: dict[str, list[str]] = {}

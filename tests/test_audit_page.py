@@ -126,6 +126,9 @@ def test_a_value_no_dropdown_offers_is_an_error_on_the_form_and_the_other_filter
     body = html.unescape(response.content.decode())
     assert "Who: Select a valid choice. nobody is not one of the available choices." in body
     assert rows(response) == [("release.create", "ravi", ["i-0bbb"])]
+    too_big = signed_in(client, "viewer", name="vera").get("/audit/", {"release": "9" * 30, "since": "yesterday"})
+    assert too_big.status_code == 200 and len(rows(too_big)) == 4  # errors on the form, never a 500
+    assert "Ensure this value is less than or equal to" in too_big.content.decode()
 
 
 def test_pages_are_numbered_with_a_window_and_keep_the_filters(client, environment):  # noqa: F811
