@@ -44,6 +44,8 @@ ROWS: dict[str, Row] = {
     "page_dashboard": Row("dashboard, 10,000 releases: server time p95 (queries)", "<= 150 ms, constant queries", ""),
     "page_release": Row("release page, 100,000-line log: server time p95 (queries)", "<= 150 ms, constant queries", ""),
     "page_audit": Row("audit page, 100,000 events: server time p95 (queries)", "<= 150 ms, constant queries", ""),
+    "audit_csv": Row("audit CSV export, 50,000 events, from daphne: first byte / last byte", "first byte < 1 s",
+                     "streamed in batches of 500 lines"),
     "page_api_release": Row("API release detail: server time p95 (queries)", "<= 150 ms, constant queries", ""),
     "worker_memory": Row("worker memory growth across 20 consecutive releases", "< 50 MB",
                          "RSS of the worker and its pool processes, fleet of 1, the fast sandbox"),

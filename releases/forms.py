@@ -4,10 +4,12 @@ import re
 
 from django import forms
 from django.contrib.auth.models import Group
+from django.utils import timezone
 
 from deployer import aws
 
 from . import permissions, plan
+from .params import MAX_WHOLE
 from .models import APPROVALS_MAX, Environment, NotificationChannel, Recipe
 from .services import COMMENT_LIMIT
 
@@ -351,12 +353,44 @@ class EnvironmentForm(forms.ModelForm):
 
 
 class AuditFilterForm(forms.Form):
-    environment = forms.CharField(required=False)
-    actor = forms.CharField(required=False)
-    action = forms.CharField(required=False)
-    since = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
-    until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
-    release = forms.IntegerField(required=False, min_value=1)
+    """The audit page's filters, all in the URL (a GET form). The dropdowns offer
+    what the audit holds (selectors.audit_choices); an action family such as
+    "release." picks every action of it."""
+
+    VIEWS = [("people", "People's actions"), ("everything", "Everything")]
+
+    view = forms.ChoiceField(choices=VIEWS, required=False, widget=forms.HiddenInput)
+    search = forms.CharField(required=False, max_length=200, label="Search",
+                             help_text="part of who, what, target or details, any case")
+    environment = forms.ChoiceField(required=False)
+    actor = forms.ChoiceField(required=False, label="Who")
+    action = forms.ChoiceField(required=False)
+    release = forms.IntegerField(required=False, min_value=1, max_value=MAX_WHOLE)
+    since = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"}))
+    until = forms.DateTimeField(required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local", "step": "1"}))
+
+    def __init__(self, *args, choices: dict[str, list[str]], **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("since", "until"):  # a naive time is read in the server's zone
+            self.fields[name].help_text = timezone.get_current_timezone_name()
+        self.fields["environment"].choices = [("", "any")] + [(v, v) for v in choices["environment"]]
+        self.fields["actor"].choices = [("", "anyone")] + [(v, v) for v in choices["actor"]]
+        families: dict[str, list[str]] = {}
+        for action in choices["action"]:
+            cut = min((action.index(c) for c in ".:" if c in action), default=len(action) - 1) + 1
+            families.setdefault(action[:cut], []).append(action)
+        options = [("", "any")]
+        for family, actions in families.items():
+            if len(actions) > 1:
+                options.append((family, [(family, f"{family}* (all)")] + [(a, a) for a in actions]))
+            else:
+                options.append((actions[0], actions[0]))
+        self.fields["action"].choices = options
+
+    def filters(self) -> dict:
+        """The filters that are valid (a wrong one is shown with its error and left out)."""
+        self.is_valid()
+        return {k: v for k, v in self.cleaned_data.items() if v and k != "view"}
 
 
 AWS_ITSELF = "aws"

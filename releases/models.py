@@ -442,6 +442,12 @@ class LogLine(models.Model):
         ordering = ["seq"]
 
 
+# The engine's AWS calls during a release (releases/audit.py ENGINE is its actor
+# name), each caused by the action before it in that release: the audit's
+# "people" view lists every other event and folds the calls under their cause.
+AUDIT_ENGINE_CALL = models.Q(actor_name="greenlight", action__startswith="aws:", release__isnull=False)
+
+
 class AuditEvent(models.Model):
     """One thing someone (or the engine) did. Append-only and chained: `hash` is an
     HMAC over the event's content, its position `seq` and the previous event's hash
@@ -468,6 +474,14 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-at", "-id"]
+        indexes = [
+            # the audit page: newest first, pages of 50, whatever the filters
+            models.Index(fields=["-at", "-id"], name="audit_newest"),
+            models.Index(fields=["-at", "-id"], condition=~AUDIT_ENGINE_CALL, name="audit_people_newest"),
+            # its dropdown of who (a loose index scan, selectors._distinct), and a release's events in order
+            models.Index(fields=["actor_name"], name="audit_actor"),
+            models.Index(fields=["release", "seq"], name="audit_release_seq"),
+        ]
 
 
 class AuditChainHead(models.Model):

@@ -7,15 +7,17 @@ second transition.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from functools import wraps
+from itertools import islice
+
+from asgiref.sync import sync_to_async
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.paginator import Paginator
+from django.core.handlers.asgi import ASGIRequest
 from django.db import OperationalError
 from django.http import Http404, HttpResponse, HttpResponseForbidden, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -559,31 +561,56 @@ def release_action(request, release_id: int, action: str):
 # -- audit ----------------------------------------------------------------------------------
 
 
+AUDIT_PAGE = 50
+
+
 @viewer
 def audit_page(request):
-    form = AuditFilterForm(request.GET or None)
-    filters = {k: v for k, v in (form.cleaned_data.items() if form.is_valid() else ()) if v}
+    form = AuditFilterForm(request.GET or None, choices=selectors.audit_choices())
+    filters = form.filters() if form.is_bound else {}
     events = selectors.audit_events(**filters)
     export = request.GET.get("format")
     if export == "csv":
-        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response = StreamingHttpResponse(_streamed(request, selectors.audit_csv_rows(events)), content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = 'attachment; filename="greenlight-audit.csv"'
-        writer = csv.writer(response)
-        writer.writerow(["at", "actor", "source_ip", "action", "target", "environment", "release", "details"])
-        for event in events.iterator(chunk_size=1000):
-            d = selectors.audit_dict(event)
-            writer.writerow([d["at"], d["actor"], d["source_ip"] or "", d["action"], d["target"], d["environment"] or "",
-                             d["release"] or "", json.dumps(d["details"], sort_keys=True)])
         return response
     if export == "json":
         response = JsonResponse({"events": [selectors.audit_dict(e) for e in events.iterator(chunk_size=1000)]})
         response["Content-Disposition"] = 'attachment; filename="greenlight-audit.json"'
         return response
-    page = Paginator(events, 50).get_page(request.GET.get("page"))
+    people = request.GET.get("view") != "everything"
+    page, shown = selectors.audit_page(selectors.audit_people(events) if people else events, request.GET.get("page"),
+                                       per_page=AUDIT_PAGE)
+    calls = selectors.audit_calls_of(shown) if people else {}
+    rows = [(event, calls.get(event.pk, [])) for event in shown]
     query = request.GET.copy()
-    query.pop("page", None)
-    return render(request, "releases/audit.html", {"form": form, "page": page, "query": query.urlencode(),
-                                                   "chain": selectors.audit_chain()})
+    for name in ("page", "format"):
+        query.pop(name, None)
+    views = {}
+    for key, label in AuditFilterForm.VIEWS:
+        other = query.copy()
+        other["view"] = key
+        views[key] = (label, other.urlencode())
+    return render(request, "releases/audit.html", {
+        "form": form, "page": page, "rows": rows, "people": people, "query": query.urlencode(), "views": views,
+        "page_range": page.paginator.get_elided_page_range(page.number, on_each_side=2, on_ends=1),
+        "chain": selectors.audit_chain(),
+    })
+
+
+def _streamed(request, lines, batch: int = 500):
+    """`lines` for a StreamingHttpResponse. Under ASGI an async iterator, each
+    batch read in the request's thread, since Django would read a plain iterator
+    to its end before sending a byte."""
+    if not isinstance(request, ASGIRequest):
+        return lines
+
+    async def streamed():
+        take = sync_to_async(lambda: "".join(islice(lines, batch)))
+        while chunk := await take():
+            yield chunk
+
+    return streamed()
 
 
 # -- profile --------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def test_a_deployer_changes_the_fleet_size_and_the_change_is_audited_with_a_diff
 def test_the_audit_exports_csv_and_json_with_the_filters(client, release):
     client = signed_in(client, "viewer")
 
-    csv_text = b"".join([client.get("/audit/", {"action": "release.", "format": "csv"}).content]).decode()
+    csv_text = b"".join(client.get("/audit/", {"action": "release.", "format": "csv"}).streaming_content).decode()
     data = client.get("/audit/", {"format": "json"}).json()
 
     assert csv_text.splitlines()[0] == "at,actor,source_ip,action,target,environment,release,details"

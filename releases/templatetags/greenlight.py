@@ -1,3 +1,5 @@
+from datetime import timezone as dt_timezone
+
 from django import template
 from django.utils import timezone
 from django.utils.html import format_html
@@ -40,10 +42,13 @@ def duration(start, end=None):
 
 @register.simple_tag
 def when(value):
-    """A time the browser shows in its own timezone (UTC until the script runs)."""
+    """A time to the second, in UTC and saying so; the browser shows it in its own
+    zone and keeps the UTC one for hovering (static/js/greenlight.js)."""
     if not value:
         return ""
-    return format_html('<time datetime="{}" data-local>{}</time>', value.isoformat(), value.strftime("%Y-%m-%d %H:%M UTC"))
+    utc = value.astimezone(dt_timezone.utc)
+    text = utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return format_html('<time datetime="{}" data-local title="{}">{}</time>', utc.isoformat(), text, text)
 
 
 @register.filter

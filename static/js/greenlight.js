@@ -1,4 +1,4 @@
-// Small things every page needs: local times, running durations, confirmations,
+// Small things every page needs: local times (to the second, with the zone), running durations, confirmations,
 // and a refresh of a server-rendered fragment that never overlaps itself.
 (function () {
   "use strict";
@@ -6,8 +6,12 @@
     root.querySelectorAll("time[data-local]").forEach(function (el) {
       var when = new Date(el.getAttribute("datetime"));
       if (!isNaN(when)) {
-        el.textContent = when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
-        el.title = when.toString();
+        // the server wrote it in UTC; the title keeps that for hovering
+        if (!el.dataset.utc) el.dataset.utc = el.textContent;
+        el.title = el.dataset.utc;
+        el.textContent = when.toLocaleString(undefined, {
+          year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit",
+          timeZoneName: "short" });
       }
     });
   }
