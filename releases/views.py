@@ -374,6 +374,7 @@ def release_new(request):
             values = {k: v.name if isinstance(v, Environment) else v for k, v in form.cleaned_data.items()}
             if step == "revision" and not _revision_exists(form, environment, values["revision"]):
                 return render(request, "releases/wizard.html", _wizard_context(step, form, data, environment))
+            values.update({k: v for k, v in form.cleaned_data.items() if k == "revision_note"})
             if step == "environment" and (busy := _busy(request.user).get(values["environment"])):
                 form.add_error("environment", f"{values['environment']} is busy: release #{busy.pk} ({busy.status}) "
                                               "holds it until it ends, is rolled back or cancelled")
