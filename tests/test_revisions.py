@@ -149,3 +149,32 @@ def test_deploy_from_image_cannot_be_chosen_without_an_image_and_the_default_is_
     assert 'value="bake"' in page and "checked" in page.split('value="bake"')[1].split(">")[0]  # an image does not change it
     response = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json")
     assert response.json()["strategy"] == "bake"
+
+
+def test_both_gate_cards_show_the_commits_and_an_unchecked_revision_says_so(repo, dana):
+    from releases.models import Step
+
+    environment = make_environment("prepan", repo)
+    succeeded(environment, "v1", dana)
+    checked = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json").json()
+    Release.objects.filter(pk=checked["id"]).update(status="cancelled")
+    Environment.objects.filter(pk=environment.pk).update(repository="file:///nonexistent")
+    unchecked = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json").json()
+    Release.objects.filter(pk=unchecked["id"]).update(status="cancelled")
+    client = Client()
+    client.force_login(person("ravi", "approver"))
+
+    for release_id, key in ((checked["id"], "verify_directly"), (checked["id"], "swap_elb"), (unchecked["id"], "swap_elb")):
+        Release.objects.filter(pk=release_id).update(status="awaiting_approval")
+        Step.objects.filter(release_id=release_id).update(status="pending")
+        Step.objects.filter(release_id=release_id, key=key).update(
+            status="awaiting_approval", deadline=timezone.now() + timezone.timedelta(hours=1),
+            result={"name": "app-1", "instance": "i-1", "url": "http://127.0.0.1:9/", "checks": [], "old": [], "new": []})
+        page = client.get(f"/releases/{release_id}/").content.decode()
+        card = page.split(f'data-gate="{key}"')[1].split("</section>")[0:2]
+        card = "</section>".join(card)
+        if release_id == checked["id"]:
+            assert "Changes from v1 to v2" in card and "prepan v2" in card and "revision not checked" not in card
+        else:
+            assert "revision not checked" in card and "prepan v2" not in card
+        Release.objects.filter(pk=release_id).update(status="cancelled")
