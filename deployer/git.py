@@ -108,7 +108,7 @@ def mirror(repository: str, cache_dir, timeout: float = 60, *, allow_file: bool 
     with open(str(path) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch at a time per repository, across processes
         if not (path / "HEAD").exists():
-            _git(["clone", "--bare", "--quiet", "--", repository, str(path)], timeout=timeout, allow_file=allow_file,
+            _git(["clone", "--bare", "--quiet", "--filter=blob:none", "--", repository, str(path)], timeout=timeout, allow_file=allow_file,
                  what=f"clone {repository}")
         else:
             _git(["fetch", "--quiet", "--prune", "--force", "--", repository, "+refs/heads/*:refs/heads/*",
