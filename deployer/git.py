@@ -77,3 +77,57 @@ def resolve(repository: str, revision: str, timeout: float = 15, *, allow_file: 
         if name in refs:
             return refs[name]
     return None
+
+
+def _env(allow_file: bool) -> dict:
+    return {"GIT_TERMINAL_PROMPT": "0", "GIT_ALLOW_PROTOCOL": "https:ssh" + (":file" if allow_file else ""),
+            "PATH": "/usr/bin:/bin:/usr/local/bin", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+
+
+def _git(args: list[str], *, cwd=None, timeout: float, allow_file: bool, what: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(allow_file))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AdapterError(f"cannot {what}: {exc}") from None
+    if done.returncode != 0:
+        raise AdapterError(f"cannot {what}: {done.stderr.strip()[:200]}")
+    return done.stdout
+
+
+def mirror(repository: str, cache_dir, timeout: float = 60, *, allow_file: bool = False):
+    """A bare clone of `repository` under `cache_dir` (one per repository URL),
+    fetched afresh on every call: the log's source, never a work tree. Returns its path."""
+    import fcntl
+    import hashlib
+    from pathlib import Path
+
+    check_repository(repository, allow_file=allow_file)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / (hashlib.sha256(repository.encode()).hexdigest()[:24] + ".git")
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch at a time per repository, across processes
+        if not (path / "HEAD").exists():
+            _git(["clone", "--bare", "--quiet", "--filter=blob:none", "--", repository, str(path)], timeout=timeout, allow_file=allow_file,
+                 what=f"clone {repository}")
+        else:
+            _git(["fetch", "--quiet", "--prune", "--force", "--", repository, "+refs/heads/*:refs/heads/*",
+                  "+refs/tags/*:refs/tags/*"], cwd=path, timeout=timeout, allow_file=allow_file, what=f"fetch {repository}")
+    return path
+
+
+_FIELDS = "%H%x1f%s%x1f%an%x1f%aI"
+
+
+def log(mirror_path, revision: str, since: str = "", limit: int = 50, *, timeout: float = 30) -> list[dict]:
+    """Commits reachable from `revision` and not from `since` (every one when
+    `since` is empty), newest first, at most `limit`: {sha, subject, author, date}.
+    Both are names the caller validated (no leading "-")."""
+    spec = [f"{since}..{revision}"] if since else [revision]
+    out = _git(["log", f"--format={_FIELDS}", f"-n{int(limit)}", *spec, "--"], cwd=mirror_path, timeout=timeout,
+               allow_file=False, what=f"read the log of {revision}")
+    commits = []
+    for line in out.splitlines():
+        sha, subject, author, date = (line.split("\x1f") + ["", "", ""])[:4]
+        commits.append({"sha": sha, "subject": subject, "author": author, "date": date})
+    return commits

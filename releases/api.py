@@ -95,7 +95,7 @@ def release_create(request):
     revision = body.get("revision")
     if not isinstance(revision, str):
         raise services.BadInput("revision is required: a branch, tag or commit", field="revision")
-    strategy = body.get("strategy", "bake")
+    strategy = body.get("strategy", environment.default_strategy)
     if not isinstance(strategy, str):
         raise services.BadInput("strategy is bake or deploy_from_image", field="strategy")
     release = services.release_start(

@@ -28,11 +28,44 @@ class RevisionForm(forms.Form):
     revision = forms.CharField(max_length=200, help_text="a branch, tag or commit of the repository")
 
 
+class _StrategyWidget(forms.RadioSelect):
+    """Radio buttons where a strategy that cannot run is disabled (its reason is in its label)."""
+    disabled_choices: set = set()
+
+    def create_option(self, name, value, label, selected, index, subindex=None, attrs=None):
+        option = super().create_option(name, value, label, selected, index, subindex, attrs)
+        if value in self.disabled_choices:
+            option["attrs"]["disabled"] = True
+        return option
+
+
 class OptionsForm(forms.Form):
-    strategy = forms.ChoiceField(choices=[(s, s) for s in plan.STRATEGIES], widget=forms.RadioSelect,
+    strategy = forms.ChoiceField(choices=[(s, s) for s in plan.STRATEGIES], widget=_StrategyWidget,
                                  help_text="bake: provision a fresh instance; deploy_from_image: start from the last baked image")
     clone_count = forms.IntegerField(min_value=1, max_value=50, label="Fleet size",
                                      help_text="instances in the new fleet, the canary included")
+
+    def __init__(self, *args, environment=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cannot_run = {}  # strategy -> why it cannot run for this environment
+        if environment is not None and not environment.last_baked_ami:
+            self.cannot_run["deploy_from_image"] = f"{environment.name} has no baked image yet; a bake release makes one"
+        field = self.fields["strategy"]
+        field.widget = _StrategyWidget()
+        field.widget.disabled_choices = set(self.cannot_run)
+        field.choices = [(s, f"{s} (cannot run: {self.cannot_run[s]})" if s in self.cannot_run else s)
+                         for s in plan.STRATEGIES]
+        if environment is not None:
+            default = environment.default_strategy
+            field.help_text += f". This environment's default: {default}"
+            if default in self.cannot_run:
+                field.help_text += f", which cannot run now ({self.cannot_run[default]}): choose another"
+
+    def clean_strategy(self):
+        strategy = self.cleaned_data["strategy"]
+        if strategy in self.cannot_run:
+            raise forms.ValidationError(f"{strategy} cannot run: {self.cannot_run[strategy]}")
+        return strategy
 
 
 class DecisionForm(forms.Form):

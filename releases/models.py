@@ -180,6 +180,10 @@ class Environment(models.Model):
     last_baked_ami = models.CharField(max_length=64, blank=True)
     name_prefix = models.CharField(max_length=64, default="app-")
     desired_count = models.PositiveIntegerField(default=2)
+    default_strategy = models.CharField(
+        max_length=32, choices=[("bake", "bake"), ("deploy_from_image", "deploy_from_image")], default="bake",
+        help_text="what the wizard and the API choose when a release names no strategy; "
+                  "deploy_from_image needs a baked image, and is never chosen silently instead")
     repository = models.CharField(
         max_length=400, validators=[validate_repository],
         help_text="https://..., ssh://... or git@host:path (file:// only where ALLOW_FILE_REPOSITORIES is set)")

@@ -136,6 +136,26 @@ class HistoryOut(serializers.Serializer):
         return {**super().get_fields(), "from": serializers.CharField()}
 
 
+class CommitOut(serializers.Serializer):
+    sha = serializers.CharField()
+    subject = serializers.CharField(allow_blank=True)
+    author = serializers.CharField(allow_blank=True)
+    date = serializers.CharField(help_text="ISO 8601, the author's")
+
+
+class ChangesOut(serializers.Serializer):
+    to = serializers.CharField(help_text="the release's revision")
+    commits = CommitOut(many=True, help_text="newest first, at most 50")
+    more = serializers.BooleanField(help_text="there were more than those listed")
+    error = serializers.CharField(allow_blank=True, help_text="why the commits could not be read, if so")
+    from_release = serializers.IntegerField(allow_null=True, help_text="the release that was running")
+
+    def get_fields(self):  # "from" is a keyword in Python
+        fields = super().get_fields()
+        fields["from"] = serializers.CharField(allow_blank=True, help_text="the revision that was running; empty for none")
+        return fields
+
+
 class ReleaseOut(serializers.Serializer):
     id = serializers.IntegerField()
     uuid = serializers.UUIDField(help_text="the release's identity in AWS: the value of its instances' and image's "
@@ -154,6 +174,11 @@ class ReleaseOut(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
     log_seq = serializers.IntegerField(min_value=0, help_text="the last log line's sequence number")
     image = serializers.CharField(allow_blank=True, help_text="the AMI it baked, once it has")
+    revision_checked = serializers.BooleanField(
+        allow_null=True, help_text="whether the repository was asked for the revision when it was created: false when it "
+                                   "could not be reached (\"revision not checked\"); null when nobody asked")
+    changes = ChangesOut(allow_null=True, help_text="the commits between what ran and this revision, frozen at creation; "
+                                                   "null when the revision was not checked")
     steps = StepOut(many=True)
     history = HistoryOut(many=True)
     gates = GateOut(many=True)

@@ -89,6 +89,9 @@ def release_dict(release: Release) -> dict:
         "finished_at": _time(release.finished_at),
         "log_seq": release.log_seq,
         "image": release.state.get("image", ""),
+        # was the revision found in the repository when the release was made (None: nobody asked)
+        "revision_checked": (release.plan.get("revision_check") or {}).get("checked"),
+        "changes": release.plan.get("changes"),
         "steps": [
             {
                 "key": s.key, "kind": s.kind, "status": s.status, "attempts": s.attempts, "error": s.error,

@@ -146,13 +146,75 @@ def validate_revision(revision: str) -> str:
 
 def revision_check(*, environment: Environment, revision: str) -> str:
     """A valid name the repository has (when the repository can be asked)."""
+    return revision_lookup(environment=environment, revision=revision)["revision"]
+
+
+NOT_CHECKED = "revision not checked"
+
+
+def revision_lookup(*, environment: Environment, revision: str) -> dict:
+    """{"revision", "checked", "note"}: 400 (the wizard's and the API's one message)
+    when the repository answers without it; checked False, with why, when it cannot
+    be reached from here: then the release may start and says "revision not checked".
+
+    Git runs in the web process, as this check always has: listing refs and
+    reading a log need read access only, and a worker round trip (preflight's
+    Redis reply) would make every step of the wizard wait on a busy worker.
+    Where the web process cannot reach the repository (the workers' network or
+    keys), everything here degrades to "not checked", never to a refusal; the
+    deploy step, on a worker, has the last word."""
     revision = validate_revision(revision)
     try:
-        if git.resolve(environment.repository, revision, allow_file=settings.ALLOW_FILE_REPOSITORIES) is None:
-            raise BadInput(f"{environment.repository} has no branch or tag {revision!r}", field="revision")
-    except AdapterError:
-        pass  # out of reach from the web server; the deploy step will say so
-    return revision
+        found = git.resolve(environment.repository, revision, allow_file=settings.ALLOW_FILE_REPOSITORIES)
+    except AdapterError as exc:
+        return {"revision": revision, "checked": False,
+                "note": f"{NOT_CHECKED}: the repository could not be reached from Greenlight's web server ({exc})"}
+    if found is None:
+        raise BadInput(f"{environment.repository} has no branch or tag {revision!r}", field="revision")
+    return {"revision": revision, "checked": True, "note": ""}
+
+
+def running_release(environment: Environment) -> Release | None:
+    """What serves now: the last release that succeeded (a rolled-back one is rolled_back, not succeeded)."""
+    return (Release.objects.filter(environment=environment, status=R.SUCCEEDED)
+            .order_by("-finished_at", "-pk").first())
+
+
+def _mirror(environment: Environment):
+    return git.mirror(environment.repository, settings.VAR_DIR / "repositories",
+                      allow_file=settings.ALLOW_FILE_REPOSITORIES)
+
+
+def repository_picker(*, environment: Environment, recent: int = 20) -> dict:
+    """The revision picker's choices: {"branches", "tags", "commits", "error"};
+    the lists empty and error set when the repository cannot be reached."""
+    picked = {"branches": [], "tags": [], "commits": [], "error": ""}
+    try:
+        picked.update(git.revisions(environment.repository, allow_file=settings.ALLOW_FILE_REPOSITORIES))
+        picked["commits"] = git.log(_mirror(environment), "HEAD", limit=recent)
+    except AdapterError as exc:
+        picked["error"] = str(exc)
+    return picked
+
+
+CHANGES_LIMIT = 50
+
+
+def revision_changes(*, environment: Environment, revision: str) -> dict:
+    """What a release of `revision` changes, for the review and both gate cards
+    (kept in the release's plan, so they need no git): {"from", "from_release",
+    "to", "commits", "more", "error"}; commits newest first, at most CHANGES_LIMIT."""
+    running = running_release(environment)
+    changes = {"from": running.revision if running else "", "from_release": running.pk if running else None,
+               "to": revision, "commits": [], "more": False, "error": ""}
+    try:
+        mirror = _mirror(environment)
+        commits = git.log(mirror, revision, since=changes["from"], limit=CHANGES_LIMIT + 1)
+    except AdapterError as exc:
+        changes["error"] = str(exc)
+        return changes
+    changes["commits"], changes["more"] = commits[:CHANGES_LIMIT], len(commits) > CHANGES_LIMIT
+    return changes
 
 
 def _close_open_gates(release: Release, reason: str, actor) -> None:
@@ -199,7 +261,8 @@ def release_start(*, environment: Environment, revision: str, strategy: str = "b
     409 naming the failed checks, with every check, when one failed. `checks`:
     a preflight run a moment ago for this very release; else one runs now."""
     _may_deploy(environment, actor, "starting a release", attempted="start")
-    revision = validate_revision(revision)
+    looked_up = revision_lookup(environment=environment, revision=revision)
+    revision = looked_up["revision"]
     if settings.PREFLIGHT_BEFORE_RELEASE:
         if checks is None:
             # no preflight for a release that cannot start anyway
@@ -210,14 +273,18 @@ def release_start(*, environment: Environment, revision: str, strategy: str = "b
         if failed := preflight_failed(checks):
             raise Conflict("preflight failed, so the release was not started: "
                            + "; ".join(f"{c['name']}: {c['message']}" for c in failed), checks=checks)
+    changes = revision_changes(environment=environment, revision=revision) if looked_up["checked"] else None
     return release_create(environment=environment, revision=revision, strategy=strategy, fleet_size=fleet_size,
-                          actor=actor, source_ip=source_ip)
+                          actor=actor, source_ip=source_ip, revision_checked=looked_up, changes=changes)
 
 
 @_records_refusals
 @transaction.atomic
 def release_create(*, environment: Environment, revision: str, strategy: str = "bake", fleet_size: int | None = None,
-                   actor, source_ip: str | None = None) -> Release:
+                   actor, source_ip: str | None = None, revision_checked: dict | None = None,
+                   changes: dict | None = None) -> Release:
+    """`revision_checked`: revision_lookup's answer (none: the caller did not ask);
+    `changes`: revision_changes' answer; both kept in the plan for the release's page."""
     _may_deploy(environment, actor, "starting a release", attempted="start")
     revision = validate_revision(revision)
     fleet_size = environment.desired_count if fleet_size is None else fleet_size
@@ -228,6 +295,10 @@ def release_create(*, environment: Environment, revision: str, strategy: str = "
                              installation=Installation.current_id())
     except plan.PlanError as exc:
         raise BadInput(str(exc), field="strategy") from None
+    if revision_checked is not None:
+        frozen["revision_check"] = {"checked": revision_checked["checked"], "note": revision_checked["note"]}
+    if changes is not None:
+        frozen["changes"] = changes
     try:
         with transaction.atomic():
             release = Release.objects.create(

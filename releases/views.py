@@ -349,8 +349,10 @@ def release_new(request):
     if step != "environment" and environment is None:
         return redirect(reverse("release_new"))
     if step == "options" and "strategy" not in data:
-        data.setdefault("strategy", "deploy_from_image" if environment.last_baked_ami else "bake")
+        # the environment's own default, never another one chosen silently (the form says when it cannot run)
+        data.setdefault("strategy", environment.default_strategy)
         data.setdefault("clone_count", environment.desired_count)
+    forms["options"] = lambda post: OptionsForm(post, initial=data or None, environment=environment)
     form = forms[step](None) if step in forms else None
     if request.method == "POST":
         going_back = "back" in request.POST
@@ -360,7 +362,11 @@ def release_new(request):
             return redirect(f"{reverse('release_new')}?step=review")
         if step == "review" and not going_back:
             return _start(request, data, environment)
-        form = forms[step](request.POST) if step in forms else None
+        post = request.POST
+        if step == "revision" and post.get("pick"):  # a tag, branch or commit picked from the list
+            post = post.copy()
+            post["revision"] = post["pick"]
+        form = forms[step](post) if step in forms else None
         if going_back:
             if form is not None and form.is_valid():  # keep what was typed on the way back
                 data.update({k: v.name if isinstance(v, Environment) else v for k, v in form.cleaned_data.items()})
@@ -370,10 +376,20 @@ def release_new(request):
             values = {k: v.name if isinstance(v, Environment) else v for k, v in form.cleaned_data.items()}
             if step == "revision" and not _revision_exists(form, environment, values["revision"]):
                 return render(request, "releases/wizard.html", _wizard_context(step, form, data, environment))
+            values.update({k: v for k, v in form.cleaned_data.items() if k == "revision_note"})
+            if step == "environment" and (busy := _busy(request.user).get(values["environment"])):
+                form.add_error("environment", f"{values['environment']} is busy: release #{busy.pk} ({busy.status}) "
+                                              "holds it until it ends, is rolled back or cancelled")
+                return render(request, "releases/wizard.html", _wizard_context(step, form, data, environment,
+                                                                                user=request.user))
+            if step == "revision":
+                data.pop("changes", None)
             data.update(values)
             request.session[WIZARD] = data
             return redirect(f"{reverse('release_new')}?step={WIZARD_STEPS[WIZARD_STEPS.index(step) + 1]}")
-    context = _wizard_context(step, form, data, environment)
+    context = _wizard_context(step, form, data, environment, user=request.user)
+    if step == "review" and environment is not None:
+        context["changes"] = _changes(request, data, environment)
     if step == "review" and settings.PREFLIGHT_BEFORE_RELEASE:
         checks = _preflight(request, data, environment)
         context.update(checks=checks, preflight_failed=services.preflight_failed(checks))
@@ -402,17 +418,42 @@ def _preflight(request, data: dict, environment: Environment, *, fresh_only: boo
     return checks
 
 
+def _changes(request, data: dict, environment: Environment) -> dict:
+    """The commits the review shows, read once per revision and kept in the session."""
+    key = [environment.name, data.get("revision", "")]
+    kept = data.get("changes") or {}
+    if kept.get("key") != key:
+        kept = {"key": key, "changes": services.revision_changes(environment=environment, revision=key[1])}
+        data["changes"] = kept
+        request.session[WIZARD] = data
+    return kept["changes"]
+
+
+def _busy(user) -> dict[str, Release]:
+    """The environments this person may release to that an active release holds, by name."""
+    held = Release.objects.filter(status__in=Release.ACTIVE,
+                                  environment__in=permissions.deployable(user, Environment.objects.all()))
+    return {r.environment.name: r for r in held.select_related("environment")}
+
+
 def _revision_exists(form, environment: Environment, revision: str) -> bool:
     try:
-        services.revision_check(environment=environment, revision=revision)
+        looked_up = services.revision_lookup(environment=environment, revision=revision)
     except services.ServiceError as exc:
         form.add_error("revision", str(exc))
         return False
+    form.cleaned_data["revision_note"] = looked_up["note"]  # "revision not checked: ..." for the review
     return True
 
 
-def _wizard_context(step: str, form, data: dict, environment: Environment | None) -> dict:
+def _wizard_context(step: str, form, data: dict, environment: Environment | None, *, user=None) -> dict:
     context = {"step": step, "steps": WIZARD_STEPS, "form": form, "data": data, "environment": environment}
+    if step == "environment" and user is not None:
+        context["busy"] = sorted(_busy(user).values(), key=lambda r: r.environment.name)
+    if step in ("revision", "review") and environment is not None:
+        context["running"] = services.running_release(environment)
+    if step == "revision" and environment is not None:
+        context["picker"] = services.repository_picker(environment=environment)
     if step == "review" and environment is not None:
         strategy = data.get("strategy", "bake")
         context["plan"] = plan.STRATEGIES.get(strategy, ())

@@ -226,7 +226,9 @@ def test_a_revision_that_does_not_exist_fails_deploy_naming_it(prepan, dana):
                   "phases": {"deploy": ["deploy:setup:dir", "deploy:update"]}}
     Recipe.objects.filter(environment=prepan).update(definition=definition)
 
-    release_id = start(dana, "v404", clone_count=1)
+    # the API refuses a revision the repository lacks (tests/test_revisions.py): the service below it does not ask
+    release_id = services.release_create(environment=Environment.objects.select_related("recipe").get(pk=prepan.pk),
+                                         revision="v404", fleet_size=1, actor=dana).pk
 
     error = fails_at(release_id, "deploy", dana)
     assert error.startswith("deploy:update failed on ") and "v404" in error

@@ -1,0 +1,15 @@
+// The release wizard's revision picker: the search box hides the tags, branches
+// and commits that do not match (without JavaScript every one stays listed).
+(function () {
+  "use strict";
+  document.addEventListener("DOMContentLoaded", function () {
+    var search = document.getElementById("revision-search");
+    if (!search) return;
+    search.addEventListener("input", function () {
+      var words = search.value.toLowerCase().trim();
+      document.querySelectorAll(".picks li[data-search]").forEach(function (li) {
+        li.hidden = words !== "" && li.getAttribute("data-search").indexOf(words) === -1;
+      });
+    });
+  });
+})();

@@ -1,0 +1,180 @@
+"""Revisions before a release: the picker's tags, branches and commits, what
+runs now, the commits a release changes (kept in its plan for the gate cards),
+the API's revision check (the wizard's, to the letter), busy environments at
+the wizard's first step, and strategies that cannot run."""
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from deployer.sandbox import repository
+from releases import services
+from releases.models import Environment, Recipe, Release
+from tests.release_helpers import api, person
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def var_dir(settings, tmp_path):
+    settings.VAR_DIR = tmp_path / "var"  # the bare clones for the log go under here
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return repository.ensure(tmp_path / "app.git")  # tags v1 and v2, one commit each ("prepan v1", "prepan v2")
+
+
+def make_environment(name: str, repository_url: str) -> Environment:
+    recipe, _ = Recipe.objects.get_or_create(name="tiny", defaults={"definition": {
+        "tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}}})
+    return Environment.objects.create(
+        name=name, region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
+        load_balancer_name=name, public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
+        ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name=name, base_ami="ami-1",
+        repository=repository_url, recipe=recipe,
+    )
+
+
+@pytest.fixture
+def dana():
+    return person("dana", "deployer", "approver")
+
+
+def wizard(user, environment: str) -> Client:
+    client = Client()
+    client.force_login(user)
+    response = client.post("/releases/new/", {"step": "environment", "environment": environment, "next": "1"})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    return client
+
+
+def succeeded(environment: Environment, revision: str, user) -> Release:
+    return Release.objects.create(environment=environment, revision=revision, fleet_size=1, plan={}, requested_by=user,
+                                  status="succeeded", finished_at=timezone.now())
+
+
+def test_the_api_refuses_an_unknown_revision_with_the_wizards_own_message(repo, dana):
+    make_environment("prepan", repo)
+
+    response = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v9"}, format="json")
+    page = wizard(dana, "prepan").post("/releases/new/", {"step": "revision", "revision": "v9", "next": "1"})
+
+    assert response.status_code == 400
+    message = response.json()["error"]
+    assert message == f"{repo} has no branch or tag 'v9'"
+    assert page.status_code == 200
+    assert [str(e) for e in page.context["form"].errors["revision"]] == [message]
+    assert not Release.objects.exists()
+
+
+def test_a_revision_of_a_repository_out_of_reach_is_accepted_and_reads_not_checked(dana):
+    make_environment("prepan", "file:///nonexistent")
+
+    response = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v9"}, format="json")
+    assert response.status_code == 201
+    body = response.json()
+    assert body["revision_checked"] is False
+    assert Release.objects.get(pk=body["id"]).plan["revision_check"]["note"].startswith("revision not checked")
+    Release.objects.filter(pk=body["id"]).update(status="cancelled")
+
+    client = wizard(dana, "prepan")
+    step = client.post("/releases/new/", {"step": "revision", "revision": "v9", "next": "1"})
+    assert step.status_code == 302 and step["Location"].endswith("step=options")
+    client.post("/releases/new/", {"step": "options", "strategy": "bake", "clone_count": "1", "next": "1"})
+    review = client.get("/releases/new/?step=review")
+    assert "revision not checked" in review.content.decode()
+
+
+def test_a_release_keeps_the_commits_between_what_runs_and_its_revision(repo, dana):
+    environment = make_environment("prepan", repo)
+    running = succeeded(environment, "v1", dana)
+
+    response = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json")
+
+    assert response.status_code == 201
+    changes = response.json()["changes"]
+    assert (changes["from"], changes["from_release"], changes["to"]) == ("v1", running.pk, "v2")
+    assert [(c["subject"], c["author"]) for c in changes["commits"]] == [("prepan v2", "Greenlight sandbox")]
+    assert response.json()["revision_checked"] is True
+
+
+def test_the_picker_lists_tags_branches_and_recent_commits_and_what_runs_now(repo, dana):
+    environment = make_environment("prepan", repo)
+    running = succeeded(environment, "v1", dana)
+    succeeded(environment, "v2", dana).__class__.objects.filter(revision="v2").update(status="rolled_back")
+
+    picked = services.repository_picker(environment=environment)
+    page = wizard(dana, "prepan").get("/releases/new/?step=revision").content.decode()
+
+    assert picked["error"] == ""
+    assert picked["tags"] == ["v1", "v2"] and picked["branches"] == ["main"]
+    assert [c["subject"] for c in picked["commits"]] == ["prepan v2", "prepan v1"]
+    assert f"Running now: v1 (<a href=\"/releases/{running.pk}/\">release #{running.pk}</a>)" in page
+    assert 'name="pick" value="v2"' in page and "prepan v1" in page
+
+
+def test_the_wizard_names_a_busy_environment_at_its_first_step(repo, dana):
+    environment = make_environment("prepan", repo)
+    make_environment("other", repo)
+    holding = Release.objects.create(environment=environment, revision="v1", fleet_size=1, plan={}, requested_by=dana)
+    client = Client()
+    client.force_login(dana)
+
+    first = client.get("/releases/new/").content.decode()
+    refused = client.post("/releases/new/", {"step": "environment", "environment": "prepan", "next": "1"})
+
+    assert f'prepan is busy: <a href="/releases/{holding.pk}/">release #{holding.pk}</a>' in first
+    assert refused.status_code == 200
+    assert f"release #{holding.pk}" in str(refused.context["form"].errors["environment"])
+    assert client.post("/releases/new/", {"step": "environment", "environment": "other", "next": "1"}).status_code == 302
+
+
+def test_deploy_from_image_cannot_be_chosen_without_an_image_and_the_default_is_the_environments(repo, dana):
+    environment = make_environment("prepan", repo)
+    client = wizard(dana, "prepan")
+    client.post("/releases/new/", {"step": "revision", "revision": "v2", "next": "1"})
+
+    page = client.get("/releases/new/?step=options").content.decode()
+    refused = client.post("/releases/new/", {"step": "options", "strategy": "deploy_from_image", "clone_count": "1", "next": "1"})
+
+    assert 'value="deploy_from_image"' in page and "disabled" in page.split('value="deploy_from_image"')[1].split(">")[0]
+    assert "has no baked image yet" in page
+    assert "cannot run" in str(refused.context["form"].errors["strategy"])
+
+    Environment.objects.filter(pk=environment.pk).update(last_baked_ami="ami-2", default_strategy="bake")
+    client = wizard(dana, "prepan")
+    client.post("/releases/new/", {"step": "revision", "revision": "v2", "next": "1"})
+    page = client.get("/releases/new/?step=options").content.decode()
+    assert 'value="bake"' in page and "checked" in page.split('value="bake"')[1].split(">")[0]  # an image does not change it
+    response = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json")
+    assert response.json()["strategy"] == "bake"
+
+
+def test_both_gate_cards_show_the_commits_and_an_unchecked_revision_says_so(repo, dana):
+    from releases.models import Step
+
+    environment = make_environment("prepan", repo)
+    succeeded(environment, "v1", dana)
+    checked = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json").json()
+    Release.objects.filter(pk=checked["id"]).update(status="cancelled")
+    Environment.objects.filter(pk=environment.pk).update(repository="file:///nonexistent")
+    unchecked = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json").json()
+    Release.objects.filter(pk=unchecked["id"]).update(status="cancelled")
+    client = Client()
+    client.force_login(person("ravi", "approver"))
+
+    for release_id, key in ((checked["id"], "verify_directly"), (checked["id"], "swap_elb"), (unchecked["id"], "swap_elb")):
+        Release.objects.filter(pk=release_id).update(status="awaiting_approval")
+        Step.objects.filter(release_id=release_id).update(status="pending")
+        Step.objects.filter(release_id=release_id, key=key).update(
+            status="awaiting_approval", deadline=timezone.now() + timezone.timedelta(hours=1),
+            result={"name": "app-1", "instance": "i-1", "url": "http://127.0.0.1:9/", "checks": [], "old": [], "new": []})
+        page = client.get(f"/releases/{release_id}/").content.decode()
+        card = page.split(f'data-gate="{key}"')[1].split("</section>")[0:2]
+        card = "</section>".join(card)
+        if release_id == checked["id"]:
+            assert "Changes from v1 to v2" in card and "prepan v2" in card and "revision not checked" not in card
+        else:
+            assert "revision not checked" in card and "prepan v2" not in card
+        Release.objects.filter(pk=release_id).update(status="cancelled")
