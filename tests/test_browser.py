@@ -414,7 +414,7 @@ def test_a_v9_release_explains_itself_and_its_buttons_ask_in_the_page_s_own_dial
     assert "app-canary (i-0canary) stop" in dialog.inner_text()
     with page.expect_navigation() as navigation:
         page.click("#confirm-ok")
-    assert "Rolling back." in navigation.value.response.text()
+    assert "Rolling back." in navigation.value.text()
     assert StatusChange.objects.filter(release=release, step__isnull=True, action="rollback").exists()
     # the flash message goes once the live panel shows the state moved on (the rollback's steps, at least)
     wait_in(page, "document.querySelectorAll('main > .message').length === 0", 60)
