@@ -137,6 +137,9 @@ def test_after_a_rollback_the_summary_names_what_serves_again(client, environmen
 
     assert f"Serving now: v1 (release #{earlier.pk}) on app-old-1 (i-0old1)" in body
     assert "New instances app-clone-1 (i-0new1): stopped; terminated" in body
+    # a viewer reads the summary, and is not offered a release they may not start
+    viewer = page(client, person("vic", "viewer"), release)
+    assert "Serving now: v1" in viewer and "Release another revision" not in viewer
 
 
 def test_after_success_the_summary_says_when_the_old_fleet_goes(client, environment, dana):  # noqa: F811
