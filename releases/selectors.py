@@ -12,7 +12,7 @@ from datetime import datetime
 from django.contrib.auth import get_user_model
 from django.core.paginator import Page, Paginator
 from django.db import connection
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import Min, Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from deployer import aws, ssh
@@ -332,17 +332,46 @@ def current_step(release: Release) -> Step | None:
     return next((s for s in release.steps.all() if s.status not in ("succeeded", "skipped")), None)
 
 
-def recent_releases(*, limit: int = 20) -> list[tuple[Release, list[str]]]:
-    """Finished releases, newest first, each with who decided its gates: two
-    queries however long the history (its steps are not needed, and loading
-    them for every row was most of the dashboard's time with 10,000 releases)."""
+def recent_releases(*, limit: int = 20) -> list[tuple[Release, list[str], dict]]:
+    """Finished releases, newest first, each with who approved its gates (a
+    rejecter is not an approver) and how long it took, the release and its
+    rollback apart: three queries however long the history (its steps are not
+    needed, and loading them for every row was most of the dashboard's time
+    with 10,000 releases)."""
     releases = list(Release.objects.select_related("environment", "requested_by").exclude(status__in=ACTIVE)
                     .order_by("-created_at")[:limit])
     names: dict[int, set[str]] = {r.pk: set() for r in releases}
-    decided = Approval.objects.filter(step__release__in=releases, user__isnull=False)
-    for release_id, username in decided.values_list("step__release_id", f"user__{get_user_model().USERNAME_FIELD}"):
+    approved = Approval.objects.filter(step__release__in=releases, user__isnull=False, decision=Approval.Decision.APPROVE)
+    for release_id, username in approved.values_list("step__release_id", f"user__{get_user_model().USERNAME_FIELD}"):
         names[release_id].add(username)
-    return [(r, sorted(names[r.pk])) for r in releases]
+    rollbacks = dict(StatusChange.objects.filter(release__in=releases, step__isnull=True, to_status=Release.Status.ROLLING_BACK)
+                     .values("release_id").annotate(first=Min("at")).values_list("release_id", "first"))
+    return [(r, sorted(names[r.pk]), durations(r, rollbacks.get(r.pk))) for r in releases]
+
+
+def durations(release: Release, rollback_started: datetime | None) -> dict:
+    """The release's own time (to its end, or to when its rollback began) and its rollback's."""
+    end = release.finished_at or timezone.now()
+    if rollback_started is None:
+        return {"release": (release.created_at, end), "rollback": None}
+    return {"release": (release.created_at, rollback_started), "rollback": (rollback_started, end)}
+
+
+def environment_rows() -> list[dict]:
+    """The dashboard's row per environment: what it runs (its last succeeded release) and since
+    when, its last release and that release's state. Three queries however many releases."""
+    from django.db.models import OuterRef, Subquery
+
+    # a subquery per column, not DISTINCT ON: the same on SQLite (the demo's default) and PostgreSQL
+    of_environment = Release.objects.filter(environment=OuterRef("pk"))
+    environments = list(Environment.objects.order_by("name").annotate(
+        serving_id=Subquery(of_environment.filter(status=Release.Status.SUCCEEDED)
+                            .order_by("-finished_at", "-id").values("pk")[:1]),
+        last_id=Subquery(of_environment.order_by("-created_at", "-id").values("pk")[:1])))
+    wanted = {e.serving_id for e in environments} | {e.last_id for e in environments}
+    releases = Release.objects.select_related("requested_by").in_bulk([pk for pk in wanted if pk is not None])
+    return [{"environment": e, "serving": releases.get(e.serving_id), "last": releases.get(e.last_id)}
+            for e in environments]
 
 
 def log_text(release_id: int):
@@ -502,3 +531,107 @@ def deliveries(*, environment: Environment | None = None, release: Release | Non
     if release is not None:
         rows = rows.filter(notification__release=release)
     return list(rows[:limit])
+
+
+# -- the release page: its timeline as people read it, what a button will do, how it ended ------------------
+
+
+ENDED = (Release.Status.SUCCEEDED, Release.Status.ROLLED_BACK, Release.Status.CANCELLED)
+
+
+def timeline(release: Release, steps: list[Step], history: list[StatusChange]) -> list[dict]:
+    """The steps with the status a person reads: a step that never ran in a release that is
+    over (or rolling back) is "skipped", a gate closed by a cancel or a rollback "cancelled",
+    a rejected one "rejected"; a failed step says what failed and whether retrying helps.
+    Rollback steps follow, marked as the rollback's."""
+    from . import failures
+
+    closed = {h.step_id for h in history if h.step_id and h.action == "close"}
+    rejected = {h.step_id for h in history if h.step_id and h.action == "reject"}
+    over = release.status in (*ENDED, Release.Status.ROLLING_BACK)
+    rows, rollback_seen = [], False
+    for step in steps:
+        shown = step.status
+        if step.status == Step.Status.PENDING and not step.attempts and over and step.kind != Step.Kind.ROLLBACK:
+            shown = "skipped"
+        elif step.status == Step.Status.FAILED and step.pk in closed:
+            shown = "cancelled"
+        elif step.status == Step.Status.FAILED and step.pk in rejected:
+            shown = "rejected"
+        explanation = None
+        if step.status == Step.Status.FAILED and step.kind != Step.Kind.GATE:
+            explanation = failures.explain(step.error, step=step.key, revision=release.revision)
+        first_rollback = step.kind == Step.Kind.ROLLBACK and not rollback_seen
+        rollback_seen = rollback_seen or step.kind == Step.Kind.ROLLBACK
+        rows.append({"step": step, "status": shown, "explanation": explanation, "first_rollback": first_rollback})
+    return rows
+
+
+def _names(instances: list[Instance]) -> str:
+    return ", ".join(f"{i.name or i.instance_id} ({i.instance_id})" for i in instances) or ""
+
+
+def _seconds(value: int) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if value >= size:
+            n = round(value / size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{value} seconds"
+
+
+def confirmations(release: Release, steps: list[Step], instances: list[Instance], explanation=None) -> dict[str, str]:
+    """What each of the page's buttons (Retry, Cancel, Roll back, Reject) will do, and to which
+    instances, for its confirmation dialog."""
+    retention = _seconds(int(release.plan.get("environment", {}).get("retention", 86400)))
+    new = [i for i in instances if i.role in (Instance.Role.CANARY, Instance.Role.CLONE)]
+    old = [i for i in instances if i.role == Instance.Role.OLD]
+    serving_old = f"the old fleet ({_names(old)})" if old else "the instances serving now"
+    if new:
+        new_fate = f"the new instances {_names(new)} stop, and are terminated {retention} later"
+    else:
+        new_fate = "no new instance was launched yet"
+    swapped = any(s.key == "swap_elb" and s.status == Step.Status.SUCCEEDED for s in steps)
+    failed = next((s for s in steps if s.status == Step.Status.FAILED and s.kind == Step.Kind.ACTION), None)
+    retry = f"Runs {failed.key} again" if failed else "Runs the failed step again"
+    if new:
+        retry += f" on {_names(new)}"
+    retry += "."
+    if explanation is not None and explanation.retry == "will not help":
+        retry += f" It failed because {explanation.what}: retrying will not help."
+    back = (f"{serving_old} goes back behind the load balancer and serves again; " if swapped
+            else f"{serving_old} keeps serving; ")
+    return {
+        "retry": retry,
+        "cancel": (f"Stops release #{release.pk} and cleans up; it ends as cancelled. {back}{new_fate}. "
+                   "A baked image of this release is deleted."),
+        "rollback": (f"Undoes release #{release.pk}; it ends as rolled back. {back}{new_fate}. "
+                     "A baked image of this release is deleted."),
+        "reject": f"The release rolls back: {back}{new_fate}.",
+    }
+
+
+def end_summary(release: Release, instances: list[Instance]) -> dict | None:
+    """After a release ends: what serves now, which instances stop or are terminated, and when."""
+    if release.status not in ENDED:
+        return None
+    due = cleanup.due_at(release) if release.finished_at else None
+    new = [i for i in instances if i.role in (Instance.Role.CANARY, Instance.Role.CLONE)]
+    old = [i for i in instances if i.role == Instance.Role.OLD]
+    if release.status == Release.Status.SUCCEEDED:
+        done = release.state.get("old_terminated")
+        return {
+            "serving": f"{release.revision} on {_names(new) or 'the new fleet'}",
+            "stopped": _names(old) or ", ".join(release.state.get("old", [])),
+            "fate": "terminated" if done else "stopped; terminated",
+            "at": None if done else due,
+        }
+    before = (Release.objects.filter(environment_id=release.environment_id, status=Release.Status.SUCCEEDED,
+                                     created_at__lt=release.created_at).order_by("-created_at").first())
+    done = release.state.get("new_terminated")
+    return {
+        "serving": (f"{before.revision} (release #{before.pk})" if before else "what served before")
+        + (f" on {_names(old)}" if old else ", as before"),
+        "stopped": _names(new),
+        "fate": "terminated" if done else "stopped; terminated",
+        "at": None if done or not new else due,
+    }

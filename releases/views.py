@@ -7,7 +7,6 @@ second transition.
 
 from __future__ import annotations
 
-import json
 import time
 from functools import wraps
 from itertools import islice
@@ -90,6 +89,7 @@ def dashboard(request):
         "waiting": selectors.waiting_on(request.user),
         "active": [(r, selectors.current_step(r)) for r in active],
         "recent": selectors.recent_releases(limit=20),
+        "environments": selectors.environment_rows(),
         "can_deploy": permissions.can_deploy(request.user),
     })
 
@@ -494,17 +494,27 @@ def _panel_context(request, release_id: int) -> dict:
     user = request.user
     steps = list(release.steps.all())
     gates = selectors.gate_cards(release, steps, user)
+    history = list(release.history.all())
+    instances = list(release.instances.all())
+    timeline = selectors.timeline(release, steps, history)
+    explanation = next((row["explanation"] for row in timeline if row["explanation"]), None)
     return {
         "release": release,
         "steps": steps,
+        "timeline": timeline,
+        "explanation": explanation,
+        "confirm": selectors.confirmations(release, steps, instances, explanation),
+        "summary": selectors.end_summary(release, instances),
+        # what the live refresh compares to know the state moved on (and drop the flash messages)
+        "state_key": ":".join([release.status, *(f"{s.pk}{s.status[0]}{s.attempts}" for s in steps)]),
         "gates": gates,
         "decided_gates": [s for s in steps if s.kind == "gate" and s.status != "awaiting_approval" and s.approvals.all()],
-        "instances": list(release.instances.all()),
+        "instances": instances,
         "may_deploy": permissions.may_deploy_in(user, release.environment),
         "decision_form": DecisionForm(),
         "failed_step": next((s for s in steps if s.status == "failed"), None),
         "actions": selectors.person_actions(release, steps),
-        "history": list(release.history.all()),
+        "history": history,
         "deliveries": selectors.deliveries(release=release),
     }
 

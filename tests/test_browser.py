@@ -198,12 +198,17 @@ def test_rejecting_asks_first_and_then_rolls_back(release_sandbox, web_server, b
     ravi.goto(f"{web_server}/releases/{release.pk}/")
     ravi.wait_for_selector(".gate-card[data-gate=verify_directly] button.reject", timeout=LONG)
 
-    ravi.once("dialog", lambda dialog: dialog.dismiss())
+    # the page's own dialog (never the browser's confirm), saying what happens to which instances
+    ravi.on("dialog", lambda dialog: pytest.fail(f"a browser dialog: {dialog.message}"))
     ravi.click("button.reject")
+    ravi.locator("#confirm-dialog").wait_for(state="visible")
+    assert "The release rolls back" in ravi.inner_text("#confirm-dialog") and "stop" in ravi.inner_text("#confirm-dialog")
+    ravi.click("#confirm-dialog button:has-text('Go back')")
+    ravi.locator("#confirm-dialog").wait_for(state="hidden")
     assert Release.objects.get(pk=release.pk).status == "awaiting_approval"
 
-    ravi.once("dialog", lambda dialog: dialog.accept())
     ravi.click("button.reject")
+    ravi.click("#confirm-ok")
     ravi.wait_for_selector(".release-status .status-rolled_back", timeout=LONG)
     assert revisions_behind(environment.public_url) == {before}
 
@@ -360,3 +365,57 @@ def test_a_burst_of_events_costs_the_dashboard_two_requests_and_lands_in_the_pag
     assert len(vic.dashboard_refreshes) - before == 2  # one in flight, one queued: never one per event
     assert vic.evaluate("window.swapped") == 2  # and the queued one's answer replaced the first one's, in the page
     assert vic.locator("#dashboard").count() == 1 and vic.locator("#dashboard h2#active").count() == 1
+
+
+def test_a_v9_release_explains_itself_and_its_buttons_ask_in_the_page_s_own_dialog(web_server, browser):
+    """No sandbox: a release of a revision the repository does not have, failed at deploy as the
+    sandbox fails it (tests/test_releases.py), made in one transaction so the worker finds it failed."""
+    from django.db import transaction
+
+    from releases.models import Environment, Recipe, StatusChange
+    from tests.test_release_page import GIT_V9, fail_deploy
+
+    dana = person("dana", "deployer", "approver")
+    with transaction.atomic():
+        recipe = Recipe.objects.create(name="tiny", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
+        environment = Environment.objects.create(
+            name="prepan", region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
+            load_balancer_name="prepan", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
+            ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name="prepan", base_ami="ami-1",
+            repository="file:///nonexistent", recipe=recipe,
+        )
+        release = services.release_create(environment=environment, revision="v9", actor=dana)
+        fail_deploy(release)
+    page = sign_in(browser, web_server, "dana")
+    page.native_dialogs = []
+    page.on("dialog", lambda dialog: (page.native_dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(f"{web_server}/releases/{release.pk}/")
+    wait_in(page, "document.getElementById('log-state').textContent === 'live'", 30)
+
+    deploy = page.locator("li.step:has(.step-key:text-is('deploy'))")
+    assert "Revision v9 does not exist in the repository: retrying will not help; roll back or cancel." in deploy.inner_text()
+    assert not page.is_visible("details.raw pre")
+    page.click("details.raw summary")  # the raw output, one click away
+    assert GIT_V9 in page.inner_text("details.raw pre")
+
+    # Retry asks first, says it will not help, and going back does nothing
+    page.click("button:has-text('Retry deploy')")
+    dialog = page.locator("#confirm-dialog")
+    dialog.wait_for(state="visible")
+    assert "Retry deploy?" in dialog.inner_text() and "retrying will not help" in dialog.inner_text()
+    shoot(page, "release-failed-confirm")
+    page.click("#confirm-dialog button:has-text('Go back')")
+    dialog.wait_for(state="hidden")
+    assert Release.objects.get(pk=release.pk).status == "failed"
+
+    # Roll back says which instances stop, and goes ahead from the dialog
+    page.click("button:has-text('Roll back')")
+    dialog.wait_for(state="visible")
+    assert "app-canary (i-0canary) stop" in dialog.inner_text()
+    with page.expect_navigation() as navigation:
+        page.click("#confirm-ok")
+    assert "Rolling back." in navigation.value.text()
+    assert StatusChange.objects.filter(release=release, step__isnull=True, action="rollback").exists()
+    # the flash message goes once the live panel shows the state moved on (the rollback's steps, at least)
+    wait_in(page, "document.querySelectorAll('main > .message').length === 0", 60)
+    assert page.native_dialogs == [] and page.csp_violations == []

@@ -17,6 +17,7 @@ STATUS = {
     "succeeded": ("✔", "succeeded"),
     "failed": ("✖", "failed"),
     "skipped": ("↷", "skipped"),
+    "rejected": ("✖", "rejected"),  # a gate someone rejected (its step is failed)
     "cancelled": ("⊘", "cancelled"),
     "rolling_back": ("↺", "rolling back"),
     "rolled_back": ("↩", "rolled back"),

@@ -68,11 +68,53 @@
     return run;
   };
 
-  // a form (or the button that submits it) may ask "are you sure?" first
+  // A form (or the button that submits it) may ask "are you sure?" first, in the
+  // page's own dialog (#confirm-dialog, in base.html): data-confirm says what will
+  // happen, data-confirm-title and data-confirm-button name it. Continue submits
+  // the form again, with the same button; a live refresh that replaced the form
+  // meanwhile is followed to its successor (same action), or the dialog does nothing.
+  var dialog = null, asked = null;
+  function ask(form, submitter, asker) {
+    dialog = dialog || document.getElementById("confirm-dialog");
+    if (!dialog || !dialog.showModal) return false;
+    document.getElementById("confirm-title").textContent = asker.dataset.confirmTitle || "Are you sure?";
+    document.getElementById("confirm-text").textContent = asker.dataset.confirm;
+    document.getElementById("confirm-ok").textContent = asker.dataset.confirmButton || "Continue";
+    asked = { form: form, submitter: submitter,
+              action: submitter && submitter.getAttribute("formaction") || form.getAttribute("action") };
+    dialog.returnValue = "";
+    dialog.showModal();
+    return true;
+  }
+  document.addEventListener("close", function (event) {
+    if (event.target !== dialog || !asked) return;
+    var was = asked; asked = null;
+    if (dialog.returnValue !== "ok") return;
+    var form = was.form, submitter = was.submitter;
+    if (!form.isConnected) {  // refreshed meanwhile: the same button of the new panel, if it is still there
+      submitter = null; form = null;
+      document.querySelectorAll("form").forEach(function (f) {
+        if (form) return;
+        if (f.getAttribute("action") === was.action) form = f;
+        var b = f.querySelector('[formaction="' + was.action + '"]');
+        if (b) { form = f; submitter = b; }
+      });
+      if (!form) return;
+    }
+    form.dataset.confirmed = "1";
+    if (submitter) form.requestSubmit(submitter); else form.requestSubmit();
+  }, true);
+
   document.addEventListener("submit", function (event) {
+    if (event.target.method === "dialog") return;
     var asker = (event.submitter && event.submitter.dataset.confirm) ? event.submitter : event.target;
     var question = asker.dataset ? asker.dataset.confirm : null;
-    if (question && !window.confirm(question)) { event.preventDefault(); return; }
+    if (question && !event.target.dataset.confirmed) {
+      event.preventDefault();
+      ask(event.target, event.submitter, asker);
+      return;
+    }
+    delete event.target.dataset.confirmed;
     // one click, one request: a second click while the first is on its way does nothing
     if (event.target.dataset.sent) { event.preventDefault(); return; }
     event.target.dataset.sent = "1";

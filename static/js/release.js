@@ -136,6 +136,16 @@
   // promise resolves at once for a queued refresh, before its swap)
   document.body.addEventListener("htmx:afterSettle", retitle);
 
+  // the flash messages ("Release #1 started.") said what happened then: once the
+  // panel's state moves on, they are stale, and go
+  var shownState = (document.getElementById("panel") || { dataset: {} }).dataset.state;
+  document.body.addEventListener("htmx:afterSettle", function () {
+    var panel = document.getElementById("panel");
+    if (!panel || panel.dataset.state === shownState) return;
+    shownState = panel.dataset.state;
+    document.querySelectorAll("main > .message").forEach(function (m) { m.remove(); });
+  });
+
   function retitle() {
     var panel = document.getElementById("panel");
     var waiting = panel && panel.dataset.waiting !== "0";
