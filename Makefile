@@ -8,8 +8,8 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/greenlight
 # A Redis database of their own, so a running demo worker never takes test tasks.
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 # Test processes side by side, a whole file at a time (tests/parallel.py keeps them apart); 0: the tests run in
-# pytest's own process. 0 by default until the browser test's order dependence under two is found (docs/decisions.md).
-TEST_PROCESSES ?= 0
+# pytest's own process (docs/decisions.md, "make test in two processes").
+TEST_PROCESSES ?= 2
 
 .PHONY: demo test bench lint browser screenshots install install-dev sandbox clean
 
