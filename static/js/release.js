@@ -15,8 +15,49 @@
     stream: document.getElementById("log-stream"), text: document.getElementById("log-filter"),
     follow: document.getElementById("log-follow")
   };
-  var state = { lines: [], lastSeq: 0, filtered: [], hosts: {}, socket: null, retry: 500, filling: null, pending: [] };
+  var note = document.getElementById("log-note");
+  var state = { lines: [], lastSeq: 0, filtered: [], hosts: {}, socket: null, retry: 500, filling: null, pending: [],
+    target: null, jump: false, expanded: {}, extra: {} };
   window.greenlightLog = state;
+
+  // The view is shareable: the filters live in the query string (step, host,
+  // stream, q) and the linked line in the hash (#L1234). The URL follows the
+  // controls with replaceState: changing a filter adds no history entry.
+  var FILTERS = { step: "step", host: "host", stream: "stream", q: "text" };
+  function addHost(host) {
+    if (!host || state.hosts[host]) return;
+    state.hosts[host] = true;
+    var option = document.createElement("option");
+    option.textContent = host;
+    controls.host.appendChild(option);
+  }
+  function readUrl() {
+    var params = new URLSearchParams(location.search);
+    Object.keys(FILTERS).forEach(function (name) {
+      var value = params.get(name);
+      if (value === null) return;
+      if (name === "host") addHost(value);  // its lines are on their way
+      controls[FILTERS[name]].value = value;
+    });
+    readHash();
+  }
+  function readHash() {
+    var m = /^#L(\d+)$/.exec(location.hash);
+    if (!m) return;
+    state.target = parseInt(m[1], 10);
+    state.jump = true;  // once the line is here (it may still be on its way), scroll to it
+    controls.follow.checked = false;
+  }
+  function writeUrl() {
+    var params = new URLSearchParams(location.search);
+    Object.keys(FILTERS).forEach(function (name) {
+      var value = controls[FILTERS[name]].value;
+      if (value) params.set(name, value); else params.delete(name);
+    });
+    var query = params.toString();
+    history.replaceState(history.state, "", location.pathname + (query ? "?" + query : "") +
+      (state.target ? "#L" + state.target : ""));
+  }
 
   function matches(line) {
     return (!controls.step.value || line.step === controls.step.value) &&
@@ -31,18 +72,12 @@
       if (line.seq <= state.lastSeq) return;  // seen it
       state.lines.push(line);
       state.lastSeq = line.seq;
-      if (line.host && !state.hosts[line.host]) {
-        state.hosts[line.host] = true;
-        var option = document.createElement("option");
-        option.textContent = line.host;
-        controls.host.appendChild(option);
-      }
+      addHost(line.host);
       if (matches(line)) state.filtered.push(line);
       added = true;
     });
     if (added) schedule();
   }
-
   // Lines are added only in order: a line past a gap waits (in `pending`)
   // until the gap is fetched, so the log never skips a number it will not
   // get back.
@@ -88,31 +123,160 @@
   var frame = null;
   function schedule() { if (!frame) frame = requestAnimationFrame(render); }
 
+  // Rows are ROW tall, but for the lines expanded in place: `state.extra`
+  // holds how much taller each of those is (measured once it is drawn), so
+  // the offsets of the rows after it shift by that much. They are few.
+  function indexOf(seq) {  // in state.filtered (in seq order); -1 if absent
+    var lo = 0, hi = state.filtered.length - 1;
+    while (lo <= hi) {
+      var mid = (lo + hi) >> 1, s = state.filtered[mid].seq;
+      if (s === seq) return mid;
+      if (s < seq) lo = mid + 1; else hi = mid - 1;
+    }
+    return -1;
+  }
+  function expandedRows() {
+    var list = [];
+    Object.keys(state.expanded).forEach(function (seq) {
+      var i = indexOf(+seq);
+      if (i !== -1) list.push({ i: i, extra: state.extra[seq] || 0 });
+    });
+    return list.sort(function (a, b) { return a.i - b.i; });
+  }
+  function offsetOf(i, tall) {
+    var y = i * ROW;
+    for (var k = 0; k < tall.length && tall[k].i < i; k++) y += tall[k].extra;
+    return y;
+  }
+  function indexAt(y, tall) {
+    var more = 0;
+    for (var k = 0; k < tall.length; k++) {
+      var top = tall[k].i * ROW + more;
+      if (y < top) break;
+      if (y < top + ROW + tall[k].extra) return tall[k].i;
+      more += tall[k].extra;
+    }
+    return Math.floor((y - more) / ROW);
+  }
+
+  var timeFormat = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+  function stamp(line) {  // to the second, in the viewer's zone; UTC on hover
+    if (line.local === undefined) {
+      var at = new Date(line.at);
+      line.local = isNaN(at) ? "" : timeFormat.format(at);
+      line.utc = isNaN(at) ? "" : at.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+    }
+  }
+
   function render() {
     frame = null;
-    spacer.style.height = (state.filtered.length * ROW) + "px";
+    var tall = expandedRows();
+    var total = state.filtered.length * ROW;
+    tall.forEach(function (t) { total += t.extra; });
+    spacer.style.height = total + "px";
+    if (state.jump && state.target) {
+      var at = indexOf(state.target);
+      if (at !== -1) {
+        state.jump = false;
+        controls.follow.checked = false;
+        note.textContent = "";
+        view.scrollTop = Math.max(0, offsetOf(at, tall) - (view.clientHeight - ROW) / 2);
+      } else if (state.lastSeq >= state.target || stateLabel.textContent === "live") {
+        var hidden = state.lines.some(function (l) { return l.seq === state.target; });
+        note.textContent = hidden ? "line " + state.target + " is hidden by the filters" :
+          "line " + state.target + " is not in the log yet";
+      }
+    }
     if (controls.follow.checked) view.scrollTop = view.scrollHeight;
-    var first = Math.max(0, Math.floor(view.scrollTop / ROW) - OVERSCAN);
-    var last = Math.min(state.filtered.length, Math.ceil((view.scrollTop + view.clientHeight) / ROW) + OVERSCAN);
+    var first = Math.max(0, indexAt(view.scrollTop, tall) - OVERSCAN);
+    var last = Math.min(state.filtered.length, indexAt(view.scrollTop + view.clientHeight, tall) + 1 + OVERSCAN);
+    var focused = document.activeElement, keep = null;
+    if (focused && rows.contains(focused)) {
+      keep = { seq: focused.closest(".log-line").dataset.seq, part: focused.classList.contains("seq") ? ".seq" : ".text" };
+    }
     var html = [];
     for (var i = first; i < last; i++) {
       var l = state.filtered[i];
-      html.push('<div class="log-line ' + l.stream + '" data-seq="' + l.seq + '"><span class="seq">' + l.seq +
-        '</span><span class="host">' + escape(l.host || "") + '</span><span class="stream">' + l.stream +
-        '</span><span class="text">' + escape(l.text) + "</span></div>");
+      stamp(l);
+      var open = state.expanded[l.seq];
+      html.push('<div class="log-line ' + l.stream + (open ? " long expanded" : "") + (l.seq === state.target ? " target" : "") +
+        '" data-seq="' + l.seq + '"><a class="seq" href="#L' + l.seq + '">' + l.seq +
+        '</a><time class="at" datetime="' + escape(l.at || "") + '" title="' + l.utc + '">' + l.local +
+        '</time><span class="host">' + escape(l.host || "") + '</span><span class="stream">' + l.stream +
+        '</span><span class="text"' + (open ? ' tabindex="0" role="button" aria-expanded="true"' : "") + ">" +
+        escape(l.text) + "</span></div>");
     }
-    rows.style.transform = "translateY(" + (first * ROW) + "px)";
+    rows.style.transform = "translateY(" + offsetOf(first, tall) + "px)";
     rows.innerHTML = html.join("");
+    // a line cut by the view's edge (its ellipsis) expands on a click or Enter;
+    // an expanded one's height is measured, and the rows after it move down
+    var moved = false;
+    rows.querySelectorAll(".log-line").forEach(function (row) {
+      var seq = row.dataset.seq;
+      if (state.expanded[seq]) {
+        var extra = Math.max(0, row.offsetHeight - ROW);
+        if (extra !== (state.extra[seq] || 0)) { state.extra[seq] = extra; moved = true; }
+        return;
+      }
+      var text = row.lastChild;
+      if (text.scrollWidth > text.clientWidth) {
+        row.classList.add("long");
+        text.tabIndex = 0;
+        text.setAttribute("role", "button");
+        text.setAttribute("aria-expanded", "false");
+        text.title = "show the whole line";
+      }
+    });
+    if (keep) {
+      var again = rows.querySelector('.log-line[data-seq="' + keep.seq + '"] ' + keep.part);
+      if (again) again.focus({ preventScroll: true });
+    }
+    if (moved) schedule();
   }
 
   function escape(text) {
-    return text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+    return text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;");
   }
+
+  function toggle(row) {
+    var seq = row.dataset.seq;
+    if (state.expanded[seq]) { delete state.expanded[seq]; delete state.extra[seq]; }
+    else if (row.classList.contains("long")) { state.expanded[seq] = true; controls.follow.checked = false; }
+    else return;
+    schedule();
+  }
+  function target(seq) {  // a line number clicked: the line's link is in the URL
+    state.target = seq;
+    state.jump = false;
+    note.textContent = "";
+    writeUrl();
+    schedule();
+  }
+  rows.addEventListener("click", function (event) {
+    var link = event.target.closest(".seq");
+    if (link) {
+      event.preventDefault();  // no history entry, no jump to a missing anchor
+      target(parseInt(link.closest(".log-line").dataset.seq, 10));
+      return;
+    }
+    if (event.target.closest(".text") && !(window.getSelection && String(window.getSelection()))) {
+      toggle(event.target.closest(".log-line"));
+    }
+  });
+  rows.addEventListener("keydown", function (event) {
+    if ((event.key === "Enter" || event.key === " ") && event.target.classList.contains("text")) {
+      event.preventDefault();
+      toggle(event.target.closest(".log-line"));
+    }
+  });
+  window.addEventListener("hashchange", function () { readHash(); schedule(); });
 
   function refilter() {
     state.filtered = state.lines.filter(matches);
+    writeUrl();
     schedule();
   }
+  readUrl();
   ["step", "host", "stream"].forEach(function (k) { controls[k].addEventListener("change", refilter); });
   controls.text.addEventListener("input", refilter);
   controls.follow.addEventListener("change", schedule);
@@ -165,7 +329,7 @@
     socket.onmessage = function (event) {
       var message = JSON.parse(event.data);
       if (message.type === "log") receive(message.lines);
-      else if (message.type === "replayed") stateLabel.textContent = "live";
+      else if (message.type === "replayed") { stateLabel.textContent = "live"; schedule(); }
       else if (message.type === "step" || message.type === "gate" || message.type === "release") refreshPanel();
       else if (message.type === "notify" && window.greenlightNotify) window.greenlightNotify(message);
     };
