@@ -129,11 +129,22 @@ def test_changing_a_filter_or_clicking_a_line_number_rewrites_the_url_without_hi
     assert query(page) == {"step": ["provision"], "host": ["app-2"]}
     assert page.evaluate("history.length") == history  # replaced, never pushed
 
-    # the URL reopened shows the same view
-    page.goto(page.url)
+    # the URL opened afresh (not a same-document jump to the hash) shows the same view
+    shared = page.url
+    page.goto("about:blank")
+    page.goto(shared)
     page.wait_for_selector(".log-line.target[data-seq='998']", timeout=30_000)
     assert page.input_value("#log-step") == "provision" and page.input_value("#log-host") == "app-2"
     assert inside(page, ".log-line[data-seq='998']")
+
+    # a linked line the filters hide is not forced in: the bar says so, and a filter that shows it goes there
+    page.goto(page.url.replace("#L998", "#L999"))  # app-1's
+    wait_in(page, "document.getElementById('log-note').textContent === 'line 999 is hidden by the filters'", 30)
+    assert page.locator(".log-line[data-seq='999']").count() == 0
+    page.select_option("#log-host", "")
+    page.wait_for_selector(".log-line.target[data-seq='999']")
+    assert inside(page, ".log-line[data-seq='999']")
+    assert page.text_content("#log-note") == ""
     assert page.csp_violations == []
 
 

@@ -181,10 +181,11 @@
         controls.follow.checked = false;
         note.textContent = "";
         view.scrollTop = Math.max(0, offsetOf(at, tall) - (view.clientHeight - ROW) / 2);
-      } else if (state.lastSeq >= state.target || stateLabel.textContent === "live") {
-        var hidden = state.lines.some(function (l) { return l.seq === state.target; });
-        note.textContent = hidden ? "line " + state.target + " is hidden by the filters" :
-          "line " + state.target + " is not in the log yet";
+      } else if (state.lastSeq >= state.target) {  // here (lines come in order, without gaps), but filtered out
+        state.jump = false;
+        note.textContent = "line " + state.target + " is hidden by the filters";
+      } else if (stateLabel.textContent === "live") {
+        note.textContent = "line " + state.target + " is not in the log yet";  // it may come: the jump waits
       }
     }
     if (controls.follow.checked) view.scrollTop = view.scrollHeight;
@@ -273,6 +274,7 @@
 
   function refilter() {
     state.filtered = state.lines.filter(matches);
+    if (state.target && note.textContent) state.jump = true;  // the linked line was not shown: it may be now
     writeUrl();
     schedule();
   }
