@@ -265,7 +265,7 @@ class EnvironmentForm(forms.ModelForm):
 
     # Settings added after the form's first scripts were written: left out of a
     # post, each takes its default rather than being required.
-    OPTIONAL_WITH_DEFAULT = (*plan.LAUNCH_FIELDS, *plan.ACCESS_FIELDS, "images_kept", "approvals_required", "gate_reminder")
+    OPTIONAL_WITH_DEFAULT = (*plan.LAUNCH_FIELDS, *plan.ACCESS_FIELDS, "images_kept", "approvals_required", "gate_reminder", "default_strategy")
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
