@@ -108,6 +108,7 @@ def fill_history(environment: Environment, release: Release, dana) -> None:
     AuditChainHead.objects.filter(pk=audit.HEAD).update(seq=seq, hash=prev)
 
 
+@pytest.mark.timeout(1200)  # filling the history takes minutes on a busy machine
 def test_pages_with_a_big_history(bench):
     recipe = Recipe.objects.create(name="bench", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
     environment = Environment.objects.create(
