@@ -1,9 +1,10 @@
 """`make bench`: the pages people wait on, with a big history behind them.
 
 10,000 releases, one of them with a 100,000-line log, and 100,000 audit
-events. Server time is measured in process with Django's test client (no
-network, no browser), p95 of 20 requests after two warm-ups; the query count
-is compared with the same page over a history of two releases.
+events, seeded once for every page. Server time is measured in process with
+Django's test client (no network, no browser), p50 and p95 of 20 requests
+after two warm-ups; the query count is compared with the same page over a
+history of two releases.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ TARGET_MS = 150
 def page_urls(release: Release) -> dict[str, str]:
     return {
         "page_dashboard": "/",
+        "page_environments": "/environments/",
+        # its AWS endpoint answers nothing: the page must not wait for it (its instances come after it)
+        "page_environment": f"/environments/{release.environment.name}/",
         "page_release": f"/releases/{release.pk}/",
         "page_audit": "/audit/",
         "page_api_release": f"/api/releases/{release.pk}/",
+        "page_api_environments": "/api/environments/",
+        "page_api_audit": "/api/audit/",
+        "page_api_logs": f"/api/releases/{release.pk}/logs/?after=50000",
     }
 
 
@@ -57,7 +64,7 @@ def queries(clients: dict, urls: dict) -> dict[str, int]:
     return counts
 
 
-def p95_ms(clients: dict, key: str, url: str) -> float:
+def p50_p95_ms(clients: dict, key: str, url: str) -> tuple[float, float]:
     for _ in range(2):
         fetch(clients, key, url)
     took = []
@@ -65,7 +72,7 @@ def p95_ms(clients: dict, key: str, url: str) -> float:
         started = time.perf_counter()
         fetch(clients, key, url)
         took.append((time.perf_counter() - started) * 1000)
-    return statistics.quantiles(took, n=20, method="inclusive")[18]
+    return statistics.median(took), statistics.quantiles(took, n=20, method="inclusive")[18]
 
 
 def fill_history(environment: Environment, release: Release, dana) -> None:
@@ -101,6 +108,7 @@ def fill_history(environment: Environment, release: Release, dana) -> None:
     AuditChainHead.objects.filter(pk=audit.HEAD).update(seq=seq, hash=prev)
 
 
+@pytest.mark.timeout(1200)  # filling the history takes minutes on a busy machine
 def test_pages_with_a_big_history(bench):
     recipe = Recipe.objects.create(name="bench", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
     environment = Environment.objects.create(
@@ -117,7 +125,7 @@ def test_pages_with_a_big_history(bench):
                            status="succeeded", finished_at=timezone.now())  # and one in the history
     browser = Client()
     browser.force_login(vic)
-    clients = {"page_dashboard": browser, "page_release": browser, "page_audit": browser, "page_api_release": api(vic)}
+    clients = {key: api(vic) if key.startswith("page_api") else browser for key in page_urls(release)}
     urls = page_urls(release)
 
     small = queries(clients, urls)
@@ -128,10 +136,10 @@ def test_pages_with_a_big_history(bench):
     big = queries(clients, urls)
 
     for key, url in urls.items():
-        p95 = p95_ms(clients, key, url)
+        p50, p95 = p50_p95_ms(clients, key, url)
         constant = big[key] == small[key]
-        bench.record(key, f"{p95:.0f} ms ({big[key]} queries)", met=p95 <= TARGET_MS and constant,
-                     anchor=f"{small[key]} queries with a small history ({sizes})", p95_ms=round(p95, 1),
+        bench.record(key, f"{p50:.0f} / {p95:.0f} ms ({big[key]} queries)", met=p95 <= TARGET_MS and constant,
+                     anchor=f"{small[key]} queries with a small history ({sizes})", p50_ms=round(p50, 1), p95_ms=round(p95, 1),
                      queries=big[key], queries_small=small[key], history_seconds=round(filled, 1))
     assert Release.objects.count() == RELEASES
     assert LogLine.objects.filter(release=release).count() == LOG_LINES

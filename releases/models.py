@@ -322,6 +322,13 @@ class Release(models.Model):
             )
         ]
         ordering = ["-created_at"]
+        indexes = [
+            # with 10,000 releases (0013_speed): the dashboard's recent releases and an environment's
+            # last one, what it serves (its last succeeded), and the release before a rolled-back one
+            models.Index(fields=["-created_at", "-id"], name="release_newest"),
+            models.Index(fields=["environment", "-created_at", "-id"], name="release_environment_newest"),
+            models.Index(fields=["environment", "status", "-finished_at", "-id"], name="release_environment_finished"),
+        ]
 
     def __str__(self):
         return f"#{self.pk} {self.environment.name} {self.revision}"
@@ -369,6 +376,8 @@ class Step(models.Model):
     class Meta:
         ordering = ["position"]
         constraints = [models.UniqueConstraint(fields=["release", "key"], name="one_step_per_key")]
+        # the open gates (the dashboard's "waiting on you"): a few rows among 150,000 steps
+        indexes = [models.Index(fields=["started_at"], condition=Q(status="awaiting_approval"), name="step_open_gates")]
 
     def __str__(self):
         return f"{self.release_id}:{self.key}"

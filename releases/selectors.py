@@ -442,14 +442,19 @@ def environment_ssh_config(environment: Environment, *, known_hosts: str) -> tup
 
 
 def cleanup_schedule(environment: Environment) -> dict:
-    """What the clean-up deletes next, for the environment page: its baked
-    images (kept, or deleted at the next clean-up, and why), and the
-    instances the sweep terminates, with when."""
+    """What the clean-up deletes next, for the environment page: the
+    instances the sweep terminates, with when (from the database; the
+    images, from AWS, are `cleanup_images`, loaded after the page)."""
+    return {"instances": cleanup.instance_schedule(environment)}
+
+
+def cleanup_images(environment: Environment) -> dict:
+    """The environment's baked images, kept or deleted at the next clean-up, and why."""
     try:
         images, error = cleanup.image_schedule(environment), ""
     except AdapterError as exc:
         images, error = [], str(exc)
-    return {"images": images, "images_error": error, "instances": cleanup.instance_schedule(environment)}
+    return {"images": images, "images_error": error}
 
 
 def _launched_by(instances: list[aws.InstanceInfo]) -> dict[str, dict]:

@@ -8,6 +8,7 @@ urlpatterns = [
     path("environments/new/", views.environment_new, name="environment_new"),
     path("environments/import/", views.environment_import, name="environment_import"),
     path("environments/<slug:name>/", views.environment_detail, name="environment"),
+    path("environments/<slug:name>/aws/<str:part>/", views.environment_aws, name="environment_aws"),
     path("environments/<slug:name>/edit/", views.environment_edit, name="environment_edit"),
     path("environments/<slug:name>/preflight/", views.environment_preflight, name="environment_preflight"),
     path("environments/<slug:name>/ssh-config.zip", views.environment_ssh_config, name="environment_ssh_config"),

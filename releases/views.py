@@ -105,18 +105,37 @@ def environment_list(request):
 
 @viewer
 def environment_detail(request, name: str):
+    # AWS is asked after the page, by its two fragments (environment_aws): the page answers at once
     environment = get_object_or_404(Environment.objects.select_related("recipe"), name=name)
-    try:
-        instances, error = selectors.environment_instances(environment), ""
-    except AdapterError as exc:
-        instances, error = [], str(exc)
     return render(request, "releases/environment.html", {
-        "environment": environment, "instances": instances, "aws_error": error,
-        "cleanup": selectors.cleanup_schedule(environment), "access": selectors.environment_access(environment),
+        "environment": environment, "access": selectors.environment_access(environment),
+        "cleanup": selectors.cleanup_schedule(environment),
         "can_deploy": permissions.can_deploy(request.user), "can_configure": permissions.can_configure(request.user),
         **_notifications_context(request, environment),
         "may_release": permissions.may_deploy_in(request.user, environment),
     })
+
+
+AWS_PARTS = {"instances": "releases/_instances.html", "images": "releases/_images.html"}
+
+
+@viewer
+def environment_aws(request, name: str, part: str):
+    """What AWS says of an environment, for its page to load after it has answered: its instances
+    (state, load balancer health, revision, launching release), or its images and what the next
+    clean-up does with them; AWS's error in their place when it does not answer."""
+    if part not in AWS_PARTS:
+        raise Http404("instances or images")
+    environment = get_object_or_404(Environment, name=name)
+    context = {"environment": environment}
+    if part == "instances":
+        try:
+            context.update(instances=selectors.environment_instances(environment), aws_error="")
+        except AdapterError as exc:
+            context.update(instances=[], aws_error=str(exc))
+    else:
+        context["cleanup"] = selectors.cleanup_images(environment)
+    return render(request, AWS_PARTS[part], context)
 
 
 @deployer
@@ -128,12 +147,8 @@ def environment_preflight(request, name: str):
         checks = services.environment_preflight(environment=environment, actor=request.user, source_ip=client_ip(request))
     except services.NotAllowed as exc:  # not in the environment's deploy groups
         return HttpResponseForbidden(render(request, "403.html", {"needed": str(exc)}).content)
-    try:
-        instances, error = selectors.environment_instances(environment), ""
-    except AdapterError as exc:
-        instances, error = [], str(exc)
     return render(request, "releases/environment.html", {
-        "environment": environment, "instances": instances, "aws_error": error, "checks": checks,
+        "environment": environment, "checks": checks, "cleanup": selectors.cleanup_schedule(environment),
         "failed": services.preflight_failed(checks), "access": selectors.environment_access(environment),
         "can_deploy": True, "can_configure": permissions.can_configure(request.user),
         **_notifications_context(request, environment),

@@ -54,9 +54,13 @@ def existing_snapshots(sandbox: SandboxProcess) -> set[str]:
 def page(environment: Environment) -> str:
     client = Client()
     client.force_login(person(f"vera{uuid.uuid4().hex[:6]}", "viewer"))
-    response = client.get(f"/environments/{environment.name}/")
-    assert response.status_code == 200
-    return response.content.decode()
+    # the page, and what it loads after it from AWS (its instances and images)
+    shown = []
+    for url in ("", "aws/instances/", "aws/images/"):
+        response = client.get(f"/environments/{environment.name}/{url}")
+        assert response.status_code == 200
+        shown.append(response.content.decode())
+    return "\n".join(shown)
 
 
 def test_images_beyond_the_last_n_go_with_their_snapshots_and_those_in_use_stay(prepan, cleanup_sandbox):

@@ -39,7 +39,8 @@ def release_and_roll_back(info: dict, dana, ravi, client, web_calls, monkeypatch
     # the web process: the environment page, the wizard's review, the import page's look-up
     monkeypatch.setenv(aws.RECORD_CALLS, str(web_calls))
     client.force_login(dana)
-    assert client.get(f"/environments/{environment.name}/").status_code == 200
+    for part in ("", "aws/instances/", "aws/images/"):  # the page, and what it loads from AWS after it
+        assert client.get(f"/environments/{environment.name}/{part}").status_code == 200
     client.get("/releases/new/", {"environment": environment.name})
     client.post("/releases/new/", {"step": "revision", "revision": "v2"})
     client.post("/releases/new/", {"step": "options", "strategy": "bake", "clone_count": 2})
