@@ -18,7 +18,7 @@ from releases.models import Approval, Environment, Instance, LogLine, Recipe, Re
 from tests.a11y import assert_accessible, violations, wider_than
 from tests.helpers import wait_for
 from tests.release_helpers import person
-from tests.test_browser import wait_in, watched
+from tests.test_browser import shoot, wait_in, watched
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 PHONE = {"width": 390, "height": 844}
@@ -232,6 +232,8 @@ def test_at_390_px_no_page_is_wider_than_the_phone(web_server, browser, world):
 
 def test_on_a_phone_the_navigation_folds_behind_a_menu_button(web_server, browser, world):
     page = open_page(browser, web_server, PHONE, "root")
+    settle(page)
+    shoot(page, "phone-dashboard")
     nav = page.get_by_role("navigation", name="main")
     menu = page.get_by_role("button", name="Menu")
     assert menu.is_visible() and menu.get_attribute("aria-expanded") == "false"
@@ -246,6 +248,7 @@ def test_on_a_phone_the_navigation_folds_behind_a_menu_button(web_server, browse
         assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], f"{name} runs off the bar: {box}"
     assert nav.get_by_role("button", name="Sign out").is_visible()
     assert_accessible(page, "the dashboard on a phone, its menu open")
+    shoot(page, "phone-menu")
 
     page.keyboard.press("Escape")
     assert nav.is_hidden() and menu.get_attribute("aria-expanded") == "false"

@@ -159,11 +159,12 @@
     }
     return null;
   }
-  var said = null;
+  var said = null, saidAt = 0;
   window.greenlightAnnounce = function (message, release) {
     var region = document.getElementById("announcer"), text = announcement(message, release);
-    if (!region || !text || text === said) return;  // the same news twice (a page and a reconnect) is said once
-    said = text;
+    // the same news twice in a row within seconds (an event and its echo) is said once; a gate open again after a retry is news
+    if (!region || !text || (text === said && Date.now() - saidAt < 5000)) return;
+    said = text; saidAt = Date.now();
     // replace the text (aria-atomic): a reader says the newest news, not a growing list
     region.textContent = text;
   };
