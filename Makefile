@@ -40,7 +40,7 @@ test: install-dev lint browser
 
 ## Refresh the README's screenshots (the browser tests, writing to docs/screenshots/)
 screenshots: install-dev browser
-	SCREENSHOTS=$(CURDIR)/docs/screenshots DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest tests/test_browser.py tests/test_sandbox_inbox.py -k "clicked_through or in_a_browser"
+	SCREENSHOTS=$(CURDIR)/docs/screenshots DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} $(BIN)/python -m pytest tests/test_browser.py tests/test_sandbox_inbox.py tests/test_a11y.py -k "clicked_through or in_a_browser or folds_behind_a_menu"
 
 ## Measure the whole pipeline on the sandbox: prints one table, writes it to var/bench.json (about 10 minutes)
 bench: install-dev

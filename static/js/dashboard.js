@@ -23,7 +23,10 @@
     socket.onmessage = function (event) {
       var message = JSON.parse(event.data);
       if (message.type === "notify") { if (window.greenlightNotify) window.greenlightNotify(message); }
-      else if (message.type === "release" || message.type === "step" || message.type === "gate") refresh();
+      else if (message.type === "release" || message.type === "step" || message.type === "gate") {
+        refresh();
+        if (window.greenlightAnnounce) window.greenlightAnnounce(message, null);
+      }
     };
     socket.onclose = function () {
       label.textContent = "reconnecting…";

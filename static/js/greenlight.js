@@ -119,4 +119,53 @@
     if (event.target.dataset.sent) { event.preventDefault(); return; }
     event.target.dataset.sent = "1";
   }, true);
+
+  // Narrow screens: the navigation folds behind its Menu button (CSS shows the
+  // button under 760px, and hides the navigation only once this script runs)
+  document.addEventListener("DOMContentLoaded", function () {
+    var toggle = document.querySelector(".menu-toggle"), bar = toggle && toggle.closest(".topbar");
+    if (!bar) return;
+    bar.classList.add("collapsible");
+    toggle.addEventListener("click", function () {
+      var open = bar.classList.toggle("open");
+      toggle.setAttribute("aria-expanded", open ? "true" : "false");
+    });
+    document.addEventListener("keydown", function (event) {
+      if (event.key === "Escape" && bar.classList.contains("open")) {
+        bar.classList.remove("open");
+        toggle.setAttribute("aria-expanded", "false");
+        toggle.focus();
+      }
+    });
+  });
+
+  // A live update said to screen readers (#announcer, aria-live=polite, in base.html):
+  // "verify_directly waits for approval", "release #12 succeeded". `release` is
+  // the number the page is about, or null on the dashboard (then every release is named).
+  var GATE_WORDS = { awaiting_approval: "waits for approval", succeeded: "approved", failed: "rejected", cancelled: "cancelled" };
+  function announcement(message, release) {
+    var words;
+    if (message.type === "release") {
+      if (message.status === "awaiting_approval") return null;  // its gate says which
+      return "release #" + message.id + " " + String(message.status).replace(/_/g, " ");
+    }
+    if (message.type === "gate") {
+      words = GATE_WORDS[message.status];
+      if (!words) return null;
+      return (release ? "" : "release #" + message.release + ": ") + message.key + " " + words;
+    }
+    if (message.type === "step" && message.status === "failed") {
+      return (release ? "" : "release #" + message.release + ": ") + "step " + message.key + " failed";
+    }
+    return null;
+  }
+  var said = null, saidAt = 0;
+  window.greenlightAnnounce = function (message, release) {
+    var region = document.getElementById("announcer"), text = announcement(message, release);
+    // the same news twice in a row within seconds (an event and its echo) is said once; a gate open again after a retry is news
+    if (!region || !text || (text === said && Date.now() - saidAt < 5000)) return;
+    said = text; saidAt = Date.now();
+    // replace the text (aria-atomic): a reader says the newest news, not a growing list
+    region.textContent = text;
+  };
 })();

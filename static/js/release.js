@@ -332,7 +332,10 @@
       var message = JSON.parse(event.data);
       if (message.type === "log") receive(message.lines);
       else if (message.type === "replayed") { stateLabel.textContent = "live"; schedule(); }
-      else if (message.type === "step" || message.type === "gate" || message.type === "release") refreshPanel();
+      else if (message.type === "step" || message.type === "gate" || message.type === "release") {
+        refreshPanel();
+        if (window.greenlightAnnounce) window.greenlightAnnounce(message, root.dataset.release);
+      }
       else if (message.type === "notify" && window.greenlightNotify) window.greenlightNotify(message);
     };
     socket.onclose = function () {
