@@ -21,8 +21,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from releases import audit, chain, services, tasks
-from releases.models import AuditChainHead, AuditEvent, Environment, LogLine, Recipe, Release, Step
-from tests.release_helpers import api, person
+from releases.models import AuditChainHead, AuditEvent, Environment, LogLine, Release, Step
+from tests.release_helpers import api, offline_environment, person
 
 pytestmark = pytest.mark.django_db
 RELEASES, LOG_LINES, EVENTS = 10_000, 100_000, 100_000
@@ -110,13 +110,7 @@ def fill_history(environment: Environment, release: Release, dana) -> None:
 
 @pytest.mark.timeout(1200)  # filling the history takes minutes on a busy machine
 def test_pages_with_a_big_history(bench):
-    recipe = Recipe.objects.create(name="bench", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
-    environment = Environment.objects.create(
-        name="prepan", region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
-        load_balancer_name="prepan", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
-        ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name="prepan", base_ami="ami-1",
-        repository="file:///nonexistent", recipe=recipe,
-    )
+    environment = offline_environment("prepan")
     dana, vic = person("dana", "deployer", "approver"), person("vic", "viewer")
     with mock.patch.object(tasks.advance_release, "delay", autospec=True):  # no worker is to run it
         release = services.release_create(environment=environment, revision="v2", actor=dana)

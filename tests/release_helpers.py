@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 
 from deployer import aws
 from releases import tokens
-from releases.models import ApiToken, Environment, Release
+from releases.models import ApiToken, Environment, Recipe, Release
 from tests.helpers import wait_for
 
 
@@ -20,6 +20,29 @@ def person(username: str, *roles: str) -> User:
     user = User.objects.create_user(username, password="a-long-passphrase")
     user.groups.add(*(Group.objects.get_or_create(name=role)[0] for role in roles))
     return user
+
+
+def offline_environment(name: str = "prepan", repository: str = "file:///nonexistent") -> Environment:
+    """An environment no worker can reach (its AWS endpoint and load balancer are closed ports) with a
+    one-command recipe: for pages and rows a test makes by hand."""
+    recipe, _ = Recipe.objects.get_or_create(name="tiny", defaults={"definition": {
+        "tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}}})
+    return Environment.objects.create(
+        name=name, region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
+        load_balancer_name=name, public_url="http://127.0.0.1:2", verify_security_group_id="sg-0123456789abcdef0",
+        ssh_key_file="/nonexistent", subnet_id="subnet-0123456789abcdef0", key_name=name, base_ami="ami-0123456789abcdef0",
+        repository=repository, recipe=recipe,
+    )
+
+
+def sign_in_page(page, base: str, username: str, password: str = "a-long-passphrase"):
+    """Sign `page` in through the form, as a person does; on the dashboard after."""
+    page.goto(f"{base}/accounts/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url(f"{base}/")
+    return page
 
 
 def api(user: User | None = None) -> APIClient:

@@ -14,10 +14,10 @@ from django.utils import timezone
 
 from deployer.sandbox import repository
 from releases import broadcast, services
-from releases.models import Approval, Environment, Instance, LogLine, Recipe, Release, StatusChange, Step
+from releases.models import Approval, Instance, LogLine, Release, StatusChange, Step
 from tests.a11y import assert_accessible, readable, violations, wider_than
 from tests.helpers import wait_for
-from tests.release_helpers import person
+from tests.release_helpers import offline_environment, person, sign_in_page
 from tests.test_browser import shoot, wait_in, watched
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -25,16 +25,6 @@ PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 900}
 GIT_V9 = "deploy:update failed on app-canary (exit 128): fatal: --detach does not take a path argument 'v9'"
 
-
-def make_environment(name: str, repository_url: str) -> Environment:
-    recipe, _ = Recipe.objects.get_or_create(name="tiny", defaults={"definition": {
-        "tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}}})
-    return Environment.objects.create(
-        name=name, region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
-        load_balancer_name=name, public_url="http://127.0.0.1:2", verify_security_group_id="sg-0123456789abcdef0",
-        ssh_key_file="/nonexistent", subnet_id="subnet-0123456789abcdef0", key_name=name, base_ami="ami-0123456789abcdef0",
-        repository=repository_url, recipe=recipe,
-    )
 
 
 def release_of(environment, revision, actor, status, *, done=(), step_status=None, monkeypatch):
@@ -62,7 +52,7 @@ def log(release, *lines):
 def world(tmp_path, monkeypatch):
     """Environments, people and a release in each state the release page has."""
     url = repository.ensure(tmp_path / "app.git")  # tags v1 and v2
-    prepan, staging, qa, demo = (make_environment(name, url) for name in ("prepan", "staging", "qa", "demo"))
+    prepan, staging, qa, demo = (offline_environment(name, url) for name in ("prepan", "staging", "qa", "demo"))
     dana = person("dana", "deployer", "approver")
     person("vera", "viewer")
     User.objects.create_superuser("root", password="a-long-passphrase")
@@ -101,11 +91,7 @@ def open_page(browser, base, viewport, username=None):
     context = browser.new_context(viewport=viewport)
     page = watched(context.new_page(), base)
     if username:
-        page.goto(f"{base}/accounts/login/")
-        page.fill("#id_username", username)
-        page.fill("#id_password", "a-long-passphrase")
-        page.click("button:has-text('Sign in')")
-        page.wait_for_url(f"{base}/")
+        sign_in_page(page, base, username)
     return page
 
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 from django.core.management import call_command
 
-from deployer import ssh
+from deployer import aws, ssh
 from deployer.errors import AdapterError
 from releases import services
 from releases.models import Environment, LogLine, Release
@@ -26,9 +26,17 @@ def bastion_sandbox(tmp_path_factory):
 
 
 def seeded(sandbox: SandboxProcess) -> dict:
-    """A running instance of the environment (the release test replaces the seeded ones)."""
-    instance = next(i for i in sandbox.info["environments"][0]["instances"] if i["state"] == "running")
-    return {"PrivateIpAddress": instance["private_ip"], "InstanceId": instance["id"], "Name": instance["name"]}
+    """An instance of the environment that runs now, as AWS says: the release test (which may
+    come first) stops the seeded ones, so the sandbox file's list is not enough."""
+    seeded_ids = [i["id"] for i in sandbox.info["environments"][0]["instances"]]
+    answer = sandbox.client("ec2").describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])
+    running = [i for r in answer["Reservations"] for i in r["Instances"]]
+    tags = lambda i: {t["Key"]: t["Value"] for t in i.get("Tags", [])}  # noqa: E731
+    environment = sandbox.info["environments"][0]["environment"]
+    instance = next((i for i in running if i["InstanceId"] in seeded_ids), None) or \
+        next(i for i in running if tags(i).get(aws.TAG_ENVIRONMENT) == environment)
+    name = next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == "Name"), "")
+    return {"PrivateIpAddress": instance["PrivateIpAddress"], "InstanceId": instance["InstanceId"], "Name": name}
 
 
 def test_the_instances_answer_ssh_through_the_bastion_and_only_through_it(bastion_sandbox):

@@ -18,7 +18,7 @@ import pytest
 from releases import services
 from releases.models import Release
 from tests.helpers import wait_for
-from tests.release_helpers import person, revisions_behind, start, wait_status
+from tests.release_helpers import offline_environment, person, revisions_behind, sign_in_page, start, wait_status
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
 SHOTS = Path(os.environ.get("SCREENSHOTS") or tempfile.mkdtemp(prefix="greenlight-screenshots-"))
@@ -58,11 +58,7 @@ def sign_in(browser, base: str, username: str, *, notifications: bool = False):
         context.grant_permissions(["notifications"], origin=base)
     context.add_init_script(NOTIFICATION_SPY)
     page = watched(context.new_page(), base)
-    page.goto(f"{base}/accounts/login/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", "a-long-passphrase")
-    page.click("button:has-text('Sign in')")
-    page.wait_for_url(f"{base}/")
+    sign_in_page(page, base, username)
     return page
 
 
@@ -218,15 +214,8 @@ def test_a_change_that_comes_while_the_panel_reloads_still_shows(web_server, bro
     first's, and must land in the page (htmx queued it with the panel it was
     given then, which the first refresh's swap took out of the page)."""
     from releases import broadcast
-    from releases.models import Environment, Recipe
 
-    recipe = Recipe.objects.create(name="tiny", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
-    environment = Environment.objects.create(
-        name="prepan", region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
-        load_balancer_name="prepan", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
-        ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name="prepan", base_ami="ami-1",
-        repository="file:///nonexistent", recipe=recipe,
-    )
+    environment = offline_environment("prepan")
     viewer = person("vic", "viewer")
     # finished, so no worker picks it up: only the test changes it
     release = Release.objects.create(environment=environment, revision="v2", fleet_size=1, plan={"environment": {"four_eyes": True}},
@@ -372,18 +361,12 @@ def test_a_v9_release_explains_itself_and_its_buttons_ask_in_the_page_s_own_dial
     sandbox fails it (tests/test_releases.py), made in one transaction so the worker finds it failed."""
     from django.db import transaction
 
-    from releases.models import Environment, Recipe, StatusChange
+    from releases.models import StatusChange
     from tests.test_release_page import GIT_V9, fail_deploy
 
     dana = person("dana", "deployer", "approver")
     with transaction.atomic():
-        recipe = Recipe.objects.create(name="tiny", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
-        environment = Environment.objects.create(
-            name="prepan", region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
-            load_balancer_name="prepan", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
-            ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name="prepan", base_ami="ami-1",
-            repository="file:///nonexistent", recipe=recipe,
-        )
+        environment = offline_environment("prepan")
         release = services.release_create(environment=environment, revision="v9", actor=dana)
         fail_deploy(release)
     page = sign_in(browser, web_server, "dana")

@@ -119,7 +119,9 @@ def test_an_access_key_in_the_credentials_field_is_refused_and_never_echoed(main
 def test_an_access_key_stored_before_the_form_refused_it_is_never_shown_on_any_page(maintainer, environment):  # noqa: F811
     Environment.objects.filter(pk=environment.pk).update(aws_credentials=ACCESS_KEY)
 
-    pages = [maintainer.get(url) for url in ("/environments/prepan/", URL, "/environments/", "/environments/import/")]
+    # the environment page asks AWS after it answers: its instances and images come as fragments
+    pages = [maintainer.get(url) for url in ("/environments/prepan/aws/instances/", "/environments/prepan/aws/images/",
+                                             "/environments/prepan/", URL, "/environments/", "/environments/import/")]
 
     for page in pages:
         assert page.status_code == 200

@@ -7,8 +7,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from releases.models import Environment, LogLine, Recipe, Release, Step
-from tests.release_helpers import person
+from releases.models import LogLine, Release, Step
+from tests.release_helpers import offline_environment, person
 from tests.test_browser import wait_in, watched
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.django_db(transaction=True)]
@@ -26,13 +26,7 @@ def text(n: int) -> str:
 def release():
     """A finished release (no worker touches it) with a known log: provision then deploy, two hosts
     taking turns, every tenth line on stderr, line n written START + n seconds."""
-    recipe = Recipe.objects.create(name="tiny", definition={"tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}})
-    environment = Environment.objects.create(
-        name="logview", region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
-        load_balancer_name="logview", public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
-        ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name="logview", base_ami="ami-1",
-        repository="file:///nonexistent", recipe=recipe,
-    )
+    environment = offline_environment("logview")
     release = Release.objects.create(environment=environment, revision="v2", fleet_size=1, plan={"environment": {"four_eyes": True}},
                                      requested_by=person("vic", "viewer"), status="cancelled", log_seq=LINES)
     for position, key in enumerate(("provision", "deploy")):

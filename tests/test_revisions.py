@@ -9,8 +9,8 @@ from django.utils import timezone
 
 from deployer.sandbox import repository
 from releases import services
-from releases.models import Environment, Recipe, Release
-from tests.release_helpers import api, person
+from releases.models import Environment, Release
+from tests.release_helpers import api, offline_environment, person
 
 pytestmark = pytest.mark.django_db
 
@@ -24,16 +24,6 @@ def var_dir(settings, tmp_path):
 def repo(tmp_path):
     return repository.ensure(tmp_path / "app.git")  # tags v1 and v2, one commit each ("prepan v1", "prepan v2")
 
-
-def make_environment(name: str, repository_url: str) -> Environment:
-    recipe, _ = Recipe.objects.get_or_create(name="tiny", defaults={"definition": {
-        "tasks": {"deploy:update": {"commands": ["true"]}}, "phases": {"deploy": ["deploy:update"]}}})
-    return Environment.objects.create(
-        name=name, region="us-west-1", aws_endpoint_url="http://127.0.0.1:1", aws_credentials="sandbox",
-        load_balancer_name=name, public_url="http://127.0.0.1:2", verify_security_group_id="sg-1",
-        ssh_key_file="/nonexistent", subnet_id="subnet-1", key_name=name, base_ami="ami-1",
-        repository=repository_url, recipe=recipe,
-    )
 
 
 @pytest.fixture
@@ -55,7 +45,7 @@ def succeeded(environment: Environment, revision: str, user) -> Release:
 
 
 def test_the_api_refuses_an_unknown_revision_with_the_wizards_own_message(repo, dana):
-    make_environment("prepan", repo)
+    offline_environment("prepan", repo)
 
     response = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v9"}, format="json")
     page = wizard(dana, "prepan").post("/releases/new/", {"step": "revision", "revision": "v9", "next": "1"})
@@ -69,7 +59,7 @@ def test_the_api_refuses_an_unknown_revision_with_the_wizards_own_message(repo, 
 
 
 def test_a_revision_of_a_repository_out_of_reach_is_accepted_and_reads_not_checked(dana):
-    make_environment("prepan", "file:///nonexistent")
+    offline_environment("prepan", "file:///nonexistent")
 
     response = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v9"}, format="json")
     assert response.status_code == 201
@@ -87,7 +77,7 @@ def test_a_revision_of_a_repository_out_of_reach_is_accepted_and_reads_not_check
 
 
 def test_a_release_keeps_the_commits_between_what_runs_and_its_revision(repo, dana):
-    environment = make_environment("prepan", repo)
+    environment = offline_environment("prepan", repo)
     running = succeeded(environment, "v1", dana)
 
     response = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json")
@@ -100,7 +90,7 @@ def test_a_release_keeps_the_commits_between_what_runs_and_its_revision(repo, da
 
 
 def test_the_picker_lists_tags_branches_and_recent_commits_and_what_runs_now(repo, dana):
-    environment = make_environment("prepan", repo)
+    environment = offline_environment("prepan", repo)
     running = succeeded(environment, "v1", dana)
     succeeded(environment, "v2", dana).__class__.objects.filter(revision="v2").update(status="rolled_back")
 
@@ -115,8 +105,8 @@ def test_the_picker_lists_tags_branches_and_recent_commits_and_what_runs_now(rep
 
 
 def test_the_wizard_names_a_busy_environment_at_its_first_step(repo, dana):
-    environment = make_environment("prepan", repo)
-    make_environment("other", repo)
+    environment = offline_environment("prepan", repo)
+    offline_environment("other", repo)
     holding = Release.objects.create(environment=environment, revision="v1", fleet_size=1, plan={}, requested_by=dana)
     client = Client()
     client.force_login(dana)
@@ -131,7 +121,7 @@ def test_the_wizard_names_a_busy_environment_at_its_first_step(repo, dana):
 
 
 def test_deploy_from_image_cannot_be_chosen_without_an_image_and_the_default_is_the_environments(repo, dana):
-    environment = make_environment("prepan", repo)
+    environment = offline_environment("prepan", repo)
     client = wizard(dana, "prepan")
     client.post("/releases/new/", {"step": "revision", "revision": "v2", "next": "1"})
 
@@ -154,7 +144,7 @@ def test_deploy_from_image_cannot_be_chosen_without_an_image_and_the_default_is_
 def test_both_gate_cards_show_the_commits_and_an_unchecked_revision_says_so(repo, dana):
     from releases.models import Step
 
-    environment = make_environment("prepan", repo)
+    environment = offline_environment("prepan", repo)
     succeeded(environment, "v1", dana)
     checked = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "v2"}, format="json").json()
     Release.objects.filter(pk=checked["id"]).update(status="cancelled")
