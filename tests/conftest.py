@@ -135,7 +135,12 @@ def web_server(celery_worker, tmp_path_factory):
         except requests.ConnectionError:
             assert process.poll() is None, log.read_text()[-2000:]
 
-    wait_for(up, 120, 0.2, "the web server")
+    try:
+        wait_for(up, 120, 0.2, "the web server")
+    except BaseException:  # never leave it running behind a failed start
+        process.terminate()
+        process.wait(30)
+        raise
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(30)
