@@ -92,6 +92,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "releases.security.SignedOutFragmentMiddleware",
     "csp.middleware.CSPMiddleware",
     "releases.security.NoStoreMiddleware",
     # last, as django-axes asks: it turns a lockout flagged during sign-in into the lockout page

@@ -3,12 +3,17 @@ audit, and no caching of anything a signed-in person sees."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from axes.signals import user_locked_out
 from django.conf import settings
 from django.dispatch import receiver
+from django.shortcuts import resolve_url
 from django.http import JsonResponse
 from django.shortcuts import render
 from django.utils.deprecation import MiddlewareMixin
+from django.utils.http import urlencode
+from django_htmx.http import HttpResponseClientRedirect
 
 from . import audit
 
@@ -55,3 +60,20 @@ class NoStoreMiddleware(MiddlewareMixin):
         if "Cache-Control" not in response or "no-store" not in response["Cache-Control"]:
             response["Cache-Control"] = "no-store"
         return response
+
+
+class SignedOutFragmentMiddleware(MiddlewareMixin):
+    """A fragment asked for after the session ended (a page left open overnight) is
+    answered by sending the whole page to sign in, and back to that page after:
+    the browser would otherwise follow the redirect and put the sign-in form inside
+    the fragment's box (the environment page's instances, the deliveries)."""
+
+    def process_response(self, request, response):
+        login = resolve_url(settings.LOGIN_URL)
+        if not (request.headers.get("HX-Request") and response.status_code == 302
+                and response.get("Location", "").startswith(login)):
+            return response
+        page = urlsplit(request.headers.get("HX-Current-URL", ""))
+        # only the path and query of the page: never an address on another host
+        back = (page.path or "/") + (f"?{page.query}" if page.query else "")
+        return HttpResponseClientRedirect(f"{login}?{urlencode({'next': back})}")

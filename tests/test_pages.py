@@ -32,6 +32,23 @@ def test_strangers_are_sent_to_sign_in(client, environment, url):  # noqa: F811
     assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
 
 
+@pytest.mark.parametrize("fragment", ["/environments/prepan/aws/instances/", "/environments/prepan/deliveries/", "/"])
+def test_a_fragment_asked_for_after_the_session_ended_sends_the_whole_page_to_sign_in_and_back(client, environment, fragment):  # noqa: F811
+    response = client.get(fragment, HTTP_HX_REQUEST="true",
+                          HTTP_HX_CURRENT_URL="http://testserver/environments/prepan/?tab=1")
+
+    # not a redirect the browser would follow into the fragment's box: htmx (and the page's refresher) go there
+    assert response.status_code == 200 and response.content == b""
+    assert response["HX-Redirect"] == "/accounts/login/?next=%2Fenvironments%2Fprepan%2F%3Ftab%3D1"
+
+
+def test_a_fragment_s_sign_in_never_sends_the_person_to_another_host(client, environment):  # noqa: F811
+    response = client.get("/environments/prepan/aws/instances/", HTTP_HX_REQUEST="true",
+                          HTTP_HX_CURRENT_URL="https://evil.example/phish")
+
+    assert response["HX-Redirect"] == "/accounts/login/?next=%2Fphish"
+
+
 @pytest.mark.parametrize("url", ["/", "/environments/", "/audit/"])
 def test_a_viewer_reads_every_page(client, environment, release, url):  # noqa: F811
     assert signed_in(client, "viewer").get(url).status_code == 200

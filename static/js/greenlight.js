@@ -48,8 +48,10 @@
       if (busy) { again = true; return; }
       busy = true;
       counter.requests++;
-      fetch(url, { credentials: "same-origin", headers: { "HX-Request": "true" } })
+      fetch(url, { credentials: "same-origin", headers: { "HX-Request": "true", "HX-Current-URL": location.href } })
         .then(function (response) {
+          var signIn = response.headers.get("HX-Redirect");  // the session ended: sign in, then back here
+          if (signIn) { location.assign(signIn); throw new Error("signed out"); }
           if (!response.ok || response.redirected) throw new Error("the refresh answered " + response.status);
           return response.text();
         })
