@@ -6,7 +6,7 @@ from django import forms
 from django.contrib.auth.models import Group
 from django.utils import timezone
 
-from deployer import aws
+from deployer import aws, git
 
 from . import permissions, plan
 from .params import MAX_WHOLE
@@ -166,6 +166,23 @@ class CredentialsInput(forms.TextInput):
         return super().format_value(value)
 
 
+class RepositoryInput(forms.TextInput):
+    """Shows the stored repository with its password or token as *** (git.shown):
+    sent back unchanged, EnvironmentForm keeps the stored URL. A URL with a
+    credential that is not the stored one (a new one the form sent back with
+    an error elsewhere) is never shown, as a password input would not: it is
+    typed again."""
+
+    def __init__(self, *args, stored: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stored = stored
+
+    def format_value(self, value):
+        if value and value != self.stored and git.secrets(str(value)):
+            return None
+        return super().format_value(git.shown(value) if value else value)
+
+
 def _credentials_shown(reference: str) -> str:
     if aws.looks_like_access_key(reference):
         return "an access key, not shown: replace it with a reference"
@@ -216,6 +233,7 @@ class EnvironmentForm(forms.ModelForm):
         widgets = {"extra_tags": forms.TextInput(attrs={"class": "code"}),
                    "region": forms.TextInput(attrs={"list": "aws-regions", "autocomplete": "off"}),
                    "aws_credentials": CredentialsInput(attrs={"autocomplete": "off"}),
+                   "repository": RepositoryInput(attrs={"autocomplete": "off"}),
                    **{name: forms.CheckboxSelectMultiple(attrs={"class": "choices"}) for name in ACCESS_GROUPS},
                    "approvals_required": forms.NumberInput(attrs={"min": 1, "max": APPROVALS_MAX})}
         labels = {
@@ -269,6 +287,16 @@ class EnvironmentForm(forms.ModelForm):
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
+        stored = self.instance.repository if self.instance.pk else ""
+        self.fields["repository"].widget.stored = stored
+        self.fields["repository"].help_text += (". A password or token in it is never shown (***): leave *** as it is to "
+                                                "keep the stored one")
+        # the stored URL as the form shows it, sent back, is the stored URL, never "***"
+        # (a write-only part, as a channel's URL and secret are)
+        sent = self.add_prefix("repository")
+        if stored and self.is_bound and self.data.get(sent) == git.shown(stored) != stored:
+            self.data = self.data.copy()
+            self.data[sent] = stored
         for name in self.OPTIONAL_WITH_DEFAULT:
             self.fields[name].required = False
         for name in ACCESS_GROUPS:
@@ -314,6 +342,14 @@ class EnvironmentForm(forms.ModelForm):
             raise forms.ValidationError('Not a credentials reference (it is not shown: it may be a secret): leave it empty, '
                                         'or use "profile:NAME", "env:PREFIX" or "sandbox".')
         return credentials
+
+    def clean_repository(self):
+        repository, check = self._checked("repository")
+        if check and f"{git.MASK}@" in repository:
+            # *** stands for the stored password or token only where the whole URL is the stored one
+            raise forms.ValidationError(f"{git.MASK} stands for the stored password or token only when the rest of the URL "
+                                        "is unchanged: type the URL with its password or token.")
+        return repository
 
     def clean_verify_cidr(self):
         cidr, check = self._checked("verify_cidr")
