@@ -425,11 +425,11 @@ def release_new_commits(request):
     if environment is None:
         raise Http404("no environment where you may start a release has that name")
     tries = request.GET.get("tries", "")
-    tries = min(int(tries), COMMITS_POLLS) if tries.isdigit() and len(tries) < 6 else 0
+    tries = min(int(tries), COMMITS_POLLS) if tries.isascii() and tries.isdigit() and len(tries) < 6 else 0
     picked = services.recent_commits(environment=environment, asked=request.GET.get("asked", "")[:32])
     if picked["pending"] and tries >= COMMITS_POLLS:
         picked = {"commits": [], "pending": False, "asked": "",
-                  "error": f"no worker has read them in {COMMITS_POLL * COMMITS_POLLS} s (are the workers running?)"}
+                  "error": f"no worker has read them in {COMMITS_POLL * COMMITS_POLLS} s: are the workers running?"}
     return render(request, "releases/_commits.html", {"picker": picked, "environment": environment, "tries": tries + 1,
                                                      "poll": COMMITS_POLL})
 

@@ -197,6 +197,17 @@ def test_what_changes_reuses_a_fresh_clone_unless_it_lacks_the_revision_the_repo
     assert [c["subject"] for c in created.json()["changes"]["commits"]] == ["prepan v5", "prepan v4", "prepan v3", "prepan v2"]
 
 
+def test_the_picker_stops_asking_and_says_so_when_no_worker_answers(repo, dana):
+    offline_environment("prepan", repo)  # not committed: no worker can read it, as none that runs would
+    client = wizard(dana, "prepan")
+
+    first = client.get("/releases/new/commits/?environment=prepan&tries=1").content.decode()
+    last = client.get("/releases/new/commits/?environment=prepan&tries=60").content.decode()
+
+    assert "Fetching recent commits…" in first and "hx-get" in first
+    assert "no worker has read them in 120 s: are the workers running?" in last and "hx-get" not in last
+
+
 def test_the_recent_commits_are_only_for_who_may_start_a_release_there(repo):
     from django.contrib.auth.models import Group
 
