@@ -6,7 +6,10 @@ from django import forms
 from django.contrib.auth.models import Group
 from django.utils import timezone
 
+from django.conf import settings
+
 from deployer import aws, git
+from deployer.errors import AdapterError
 
 from . import permissions, plan
 from .params import MAX_WHOLE
@@ -101,6 +104,7 @@ AWS_ID = {prefix: re.compile(rf"{prefix}-[0-9a-f]{{8,17}}") for prefix in ("ami"
 AWS_ID_EXAMPLE = {"ami": "ami-0abcdef1234567890", "subnet": "subnet-0abcdef1234567890", "sg": "sg-0abcdef1234567890"}
 CREDENTIALS_REFERENCE = re.compile(r"(?:profile:[\w.@+-]{1,64}|env:[A-Za-z_][A-Za-z0-9_]{0,63}|sandbox)?")
 PORT_RANGE = (1, 65535)
+REPOSITORY_TIMEOUT = 10  # seconds for `git ls-remote` when a repository is saved
 
 
 def aws_id_error(prefix: str, value: str) -> str | None:
@@ -203,6 +207,9 @@ class EnvironmentForm(forms.ModelForm):
     Every field is checked in the one pass: the form's own rules below, the
     model's (Environment.clean), all reported together."""
 
+    skip_repository_check = forms.BooleanField(
+        required=False, label="Save without reaching the repository",
+        help_text="only if the web server cannot reach it but the workers can: the first deploy will say whether it answers")
     security_group_ids = IdListField(prefix="sg", label="Security groups",
                                      help_text="for new instances: sg- ids, one per line or separated by commas")
     extra_subnet_ids = IdListField(prefix="subnet", label="More subnets",
@@ -218,7 +225,7 @@ class EnvironmentForm(forms.ModelForm):
                        "root_volume_type", "root_volume_encrypted", "require_imdsv2", "extra_tags", "user_data")),
         ("SSH", ("ssh_user", "ssh_port", "ssh_key_file", "bastion_host", "bastion_port", "bastion_user", "bastion_key_file",
                  "bastion_host_key")),
-        ("App and checks", ("repository", "recipe", "app_port", "health_path", "expected_text", "verify_security_group_id",
+        ("App and checks", ("repository", "skip_repository_check", "recipe", "app_port", "health_path", "expected_text", "verify_security_group_id",
                             "verify_cidr", "verify_url_template")),
         ("Gates and access", ("four_eyes", "approvals_required", "deploy_groups", "verify_groups", "swap_groups",
                               "gate_timeout", "gate_reminder")),
@@ -343,14 +350,6 @@ class EnvironmentForm(forms.ModelForm):
                                         'or use "profile:NAME", "env:PREFIX" or "sandbox".')
         return credentials
 
-    def clean_repository(self):
-        repository, check = self._checked("repository")
-        if check and f"{git.MASK}@" in repository:
-            # *** stands for the stored password or token only where the whole URL is the stored one
-            raise forms.ValidationError(f"{git.MASK} stands for the stored password or token only when the rest of the URL "
-                                        "is unchanged: type the URL with its password or token.")
-        return repository
-
     def clean_verify_cidr(self):
         cidr, check = self._checked("verify_cidr")
         if check:
@@ -378,6 +377,30 @@ class EnvironmentForm(forms.ModelForm):
         if check and not path.startswith("/"):
             raise forms.ValidationError(f"A path on the instance, starting with /: /{path.lstrip('/')[:60]}?")
         return path
+
+    def clean_repository(self):
+        """A new or changed repository must answer `git ls-remote` from here, unless the maintainer says only
+        the workers can reach it (skip_repository_check): then the deploy step is the first to ask it.
+        *** (git.shown's mask) is refused: the stored URL sent back as shown was made the stored one already."""
+        repository, check = self._checked("repository")
+        repository = repository.strip()
+        if check and f"{git.MASK}@" in repository:
+            # *** stands for the stored password or token only where the whole URL is the stored one (see __init__)
+            raise forms.ValidationError(f"{git.MASK} stands for the stored password or token only when the rest of the URL "
+                                        "is unchanged: type the URL with its password or token.")
+        if not check or "repository" not in self.changed_data or self.data.get(self.add_prefix("skip_repository_check")):
+            return repository
+        try:
+            git.check_repository(repository, allow_file=settings.ALLOW_FILE_REPOSITORIES)
+        except AdapterError:
+            return repository  # the model's rule says what is accepted, once
+        try:
+            git.revisions(repository, timeout=REPOSITORY_TIMEOUT, allow_file=settings.ALLOW_FILE_REPOSITORIES)
+        except AdapterError as exc:
+            raise forms.ValidationError(
+                f"Greenlight cannot reach this repository ({exc}). Fix its address or its access; or, if only the "
+                "workers can reach it, tick \"Save without reaching the repository\".", code="unreachable") from None
+        return repository
 
     def _aws_id(self, name: str, prefix: str):
         value, check = self._checked(name)

@@ -543,6 +543,7 @@ def _panel_context(request, release_id: int) -> dict:
         "explanation": explanation,
         "confirm": selectors.confirmations(release, steps, instances, explanation),
         "summary": selectors.end_summary(release, instances),
+        "outcome": selectors.release_outcome(release, history),
         # what the live refresh compares to know the state moved on (and drop the flash messages)
         "state_key": ":".join([release.status, *(f"{s.pk}{s.status[0]}{s.attempts}" for s in steps)]),
         "gates": gates,

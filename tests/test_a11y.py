@@ -68,6 +68,12 @@ def world(tmp_path, monkeypatch):
     Step.objects.create(release=states["rolled back"], position=1000, key="stop_new", kind="rollback", status="succeeded", attempts=1)
     Instance.objects.create(release=states["rolled back"], role="clone", slot="clone-1", name="app-clone-1", instance_id="i-0new1",
                             state="stopped")
+    # how it ended, for the dashboard's outcome line and the release page's sentence (selectors.outcomes)
+    StatusChange.objects.create(release=states["rolled back"], action="reject", from_status="awaiting_approval",
+                                to_status="rolling_back", reason="verify_directly rejected by root: the page is blank",
+                                actor_name="root")
+    StatusChange.objects.create(release=states["rolled back"], action="rolled_back", from_status="rolling_back",
+                                to_status="rolled_back", reason="the old fleet serves", actor_name="greenlight")
     states["running"] = release_of(prepan, "v2", dana, "running", done=("launch",), monkeypatch=monkeypatch,
                                    step_status=("provision", "running", {"lease_owner": "elsewhere:1:1",
                                                                         "lease_expires_at": timezone.now() + timedelta(hours=1)}))
@@ -116,6 +122,7 @@ def visit_every_state(page, base, world, check):
         check(page, name)
 
     go("/", "dashboard with releases")
+    assert "rolled back: rejected by root" in page.inner_text("main")  # axe reads how releases ended too
     go("/environments/", "environments")
     go("/environments/prepan/", "environment page")
     go("/environments/prepan/edit/", "environment form")

@@ -221,3 +221,55 @@ def test_in_the_browser_the_keyboard_starts_at_the_first_field_to_fix(environmen
     page.click(".error-summary a[href='#id_health_path']")
     assert page.evaluate("document.activeElement.id") == "id_health_path"
     assert page.csp_violations == []
+
+
+# -- a reachable repository ------------------------------------------------------------------------
+
+
+def a_repository(tmp_path) -> str:
+    """A real git repository with one commit, as file:// (the tests allow that transport)."""
+    import subprocess
+
+    path = tmp_path / "app"
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True, env=env)
+    subprocess.run(["git", "-C", str(path), "commit", "-q", "--allow-empty", "-m", "first"], check=True, env=env)
+    return path.as_uri()
+
+
+def test_a_changed_repository_that_does_not_answer_is_refused_and_nothing_is_saved(maintainer, environment, tmp_path):  # noqa: F811
+    missing = (tmp_path / "nowhere.git").as_uri()
+
+    response = post(maintainer, environment, repository=missing)
+
+    assert response.status_code == 200
+    error = field_errors(response).get("repository", "")
+    assert "Greenlight cannot reach this repository" in error and 'tick "Save without reaching the repository"' in error
+    assert Environment.objects.get(pk=environment.pk).repository == "file:///nonexistent"
+
+
+def test_a_repository_that_answers_is_saved(maintainer, environment, tmp_path):  # noqa: F811
+    repository = a_repository(tmp_path)
+
+    response = post(maintainer, environment, repository=repository)
+
+    assert response.status_code == 302, field_errors(response)
+    assert Environment.objects.get(pk=environment.pk).repository == repository
+
+
+def test_a_repository_only_the_workers_reach_is_saved_when_the_maintainer_says_so(maintainer, environment, tmp_path):  # noqa: F811
+    missing = (tmp_path / "nowhere.git").as_uri()
+
+    response = post(maintainer, environment, repository=missing, skip_repository_check="on")
+
+    assert response.status_code == 302, field_errors(response)
+    assert Environment.objects.get(pk=environment.pk).repository == missing
+
+
+def test_an_unchanged_repository_is_not_asked_again(maintainer, environment):  # noqa: F811
+    # file:///nonexistent answers nothing; saving another field must not trip over it
+    response = post(maintainer, environment, desired_count="3")
+
+    assert response.status_code == 302, field_errors(response)
+    assert Environment.objects.get(pk=environment.pk).desired_count == 3

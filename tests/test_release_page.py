@@ -2,6 +2,7 @@
 words, what each button will do, skipped and cancelled steps, the end's summary."""
 
 import html
+import re
 from datetime import timedelta
 
 import pytest
@@ -209,5 +210,7 @@ def test_approved_by_names_only_approvers_and_took_splits_the_rollback(client, e
     recent = body[body.index('id="recent"'):]
     row = recent[recent.index(f'<a href="/releases/{release.pk}/">#{release.pk}</a>'):]
     row = row[:row.index("</tr>")]
-    assert "<td>ravi</td>" in row and "rita" not in row
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)  # environment, revision, ..., approved by, finished
+    assert cells[-2] == "ravi"  # rita rejected, as the outcome says
+    assert '<small class="how">rolled back: rejected by rita</small>' in cells[2]
     assert '<td class="took">7:00 <span class="rollback-took">+ rollback 2:00</span></td>' in row

@@ -160,15 +160,19 @@ def test_stars_with_another_host_are_refused_and_a_new_token_is_never_shown_back
     mia.force_login(person("mia", "maintainer"))
     new_token = "glpat" + secrets.token_hex(12)
 
-    moved = mia.post("/environments/prepan/edit/", form_data(environment, repository="https://deploy-bot:***@evil.example/org/app.git"))
+    moved = mia.post("/environments/prepan/edit/", form_data(environment, repository="https://deploy-bot:***@evil.example/org/app.git",
+                                                            skip_repository_check="on"))
     assert moved.status_code == 200
     assert "*** stands for the stored password or token only" in " ".join(moved.context["form"].errors["repository"])
     # a new token typed, and an error elsewhere: the form comes back without the URL, to be typed again
     retyped = mia.post("/environments/prepan/edit/", form_data(
         environment, repository=f"https://deploy-bot:{new_token}@127.0.0.1:1/org/app.git", app_port="0"))
     assert retyped.status_code == 200 and new_token not in retyped.content.decode() and TOKEN not in retyped.content.decode()
+    # git's answer (nothing answers there) names the URL masked
+    unreachable = " ".join(retyped.context["form"].errors["repository"])
+    assert "Greenlight cannot reach this repository" in unreachable and SHOWN["password"] in unreachable
     saved = mia.post("/environments/prepan/edit/", form_data(
-        environment, repository=f"https://deploy-bot:{new_token}@127.0.0.1:1/org/app.git"))
+        environment, repository=f"https://deploy-bot:{new_token}@127.0.0.1:1/org/app.git", skip_repository_check="on"))
     assert saved.status_code == 302
     assert Environment.objects.get(pk=environment.pk).repository == f"https://deploy-bot:{new_token}@127.0.0.1:1/org/app.git"
 

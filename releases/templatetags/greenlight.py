@@ -1,7 +1,6 @@
 from datetime import timezone as dt_timezone
 
 from django import template
-from django.utils import timezone
 from django.utils.html import format_html
 
 from releases import selectors
@@ -33,12 +32,7 @@ def status(value: str):
 @register.filter
 def duration(start, end=None):
     """'1:02', '3h 04m': how long from start to end (or to now)."""
-    if not start:
-        return ""
-    seconds = int(((end or timezone.now()) - start).total_seconds())
-    if seconds < 3600:
-        return f"{seconds // 60}:{seconds % 60:02d}"
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return selectors.elapsed(start, end) if start else ""
 
 
 @register.simple_tag
