@@ -279,6 +279,8 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "ReleaseStatus": "releases.models.Release.Status",
         "StepStatus": "releases.models.Step.Status",
+        "StepLabel": "releases.selectors.TIMELINE_LABELS",
+        "RetryVerdict": "releases.failures.RETRY",
     },
 }
 

@@ -1,6 +1,8 @@
+from django import forms
 from django.contrib import admin
 
-from . import audit, services, tokens
+from . import audit, permissions, services, tokens
+from .forms import EnvironmentForm
 from .models import ApiToken, AuditEvent, Environment, Recipe, Release, Step
 
 
@@ -26,10 +28,62 @@ class AuditedAdmin(admin.ModelAdmin):
 class RecipeAdmin(AuditedAdmin):
     list_display = ("name", "updated_at")
 
+    # Django's model permissions alone would let a staff member without the maintainer
+    # role change what runs on the workers: the admin asks for the role too
+    def has_add_permission(self, request):
+        return super().has_add_permission(request) and permissions.can_maintain(request.user)
+
+    def has_change_permission(self, request, obj=None):
+        return super().has_change_permission(request, obj) and permissions.can_maintain(request.user)
+
+    def has_delete_permission(self, request, obj=None):
+        return super().has_delete_permission(request, obj) and permissions.can_maintain(request.user)
+
+
+class EnvironmentAdminForm(EnvironmentForm):
+    """The dashboard's environment form (every rule, the access key never echoed,
+    a non-maintainer's locked fields), with the fields only an administrator sets
+    here: the last baked image and the cloud's time scale."""
+
+    class Meta(EnvironmentForm.Meta):
+        exclude = []  # the admin's own fields too
+
+    def clean_last_baked_ami(self):
+        return self._aws_id("last_baked_ami", "ami")
+
+    def clean_time_scale(self):
+        scale, check = self._checked("time_scale")
+        if check and scale is not None and scale <= 0:
+            raise forms.ValidationError("The time scale multiplies every wait on AWS: above 0 (1 on AWS).")
+        return scale
+
 
 @admin.register(Environment)
 class EnvironmentAdmin(AuditedAdmin):
     list_display = ("name", "region", "load_balancer_name", "desired_count", "last_baked_ami")
+    form = EnvironmentAdminForm
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        # the form locks what the person's role may not change, as on the dashboard: it needs to know who
+        form = super().get_form(request, obj, change=change, **kwargs)
+        user = request.user
+
+        class ForUser(form):
+            def __init__(self, *args, **form_kwargs):
+                super().__init__(*args, user=user, **form_kwargs)
+
+        return ForUser
+
+    # Adding and deleting an environment is a maintainer's; opening one to change it, a deployer's
+    # or a maintainer's (the form then lets a deployer change only the fleet size and wait limits)
+    def has_add_permission(self, request):
+        return super().has_add_permission(request) and permissions.can_maintain(request.user)
+
+    def has_change_permission(self, request, obj=None):
+        return super().has_change_permission(request, obj) and permissions.can_configure(request.user)
+
+    def has_delete_permission(self, request, obj=None):
+        return super().has_delete_permission(request, obj) and permissions.can_maintain(request.user)
 
 
 class StepInline(admin.TabularInline):

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Explanation:
     what: str  # what failed, in plain words
-    retry: str  # "helps", "may help" or "will not help"
+    retry: str  # one of RETRY
     advice: str  # what to do next
 
     @property
     def text(self) -> str:
         return f"{self.what}: {self.advice}"
 
+
+# the verdicts on retrying (the API's schema lists them)
+RETRY = ("may help", "will not help")
 
 NEXT_IF_NOT = "retrying will not help; roll back or cancel"
 NEXT_IF_MAYBE = "retrying may help"

@@ -599,6 +599,8 @@ class Delivery(models.Model):
         SENT = "sent"
         FAILED = "failed"  # gave up after the last attempt
 
+    UNFINISHED = (Status.PENDING, Status.SENDING)  # still on its way
+
     uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, help_text="X-Greenlight-Delivery")
     notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="deliveries")
     channel = models.ForeignKey(NotificationChannel, null=True, on_delete=models.SET_NULL, related_name="deliveries")

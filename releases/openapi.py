@@ -15,7 +15,7 @@ from drf_spectacular.views import SpectacularAPIView
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
-from . import params, services, transitions
+from . import failures, params, selectors, services, transitions
 from .models import Approval, Instance, Release, Step
 
 
@@ -81,6 +81,12 @@ class EnvironmentList(serializers.Serializer):
     environments = EnvironmentOut(many=True)
 
 
+class ExplanationOut(serializers.Serializer):
+    what = serializers.CharField(help_text="what failed, in plain words (\"revision v9 does not exist in the repository\")")
+    retry = serializers.ChoiceField(choices=failures.RETRY, help_text="whether retrying the step can help")
+    advice = serializers.CharField(help_text="what to do next (\"retrying will not help; roll back or cancel\")")
+
+
 class StepOut(serializers.Serializer):
     key = serializers.CharField()
     kind = serializers.ChoiceField(choices=Step.Kind.choices)
@@ -92,6 +98,13 @@ class StepOut(serializers.Serializer):
     waiting_for = serializers.CharField(allow_blank=True, help_text="what a running step waits for (AWS, or the sweep when its worker stopped renewing its lease), or "
                                         "why a pending step is to run again; empty otherwise")
     deadline = serializers.DateTimeField(allow_null=True, help_text="until when it waits (a running step or an open gate)")
+    label = serializers.ChoiceField(choices=selectors.TIMELINE_LABELS, help_text=(
+        "what the release page reads: the status, except \"skipped\" for a step that never ran in a release that is "
+        "over (or rolling back), \"cancelled\" for a gate closed by a cancel or a rollback, \"rejected\" for a "
+        "rejected gate (their `status` stays `pending` or `failed`)"))
+    explanation = ExplanationOut(allow_null=True, help_text=(
+        "a failed step (not a gate) in plain words, as the release page says it; null otherwise. `error` keeps the raw "
+        "output"))
 
 
 class DecisionOut(serializers.Serializer):
@@ -324,7 +337,8 @@ environment_preflight = extend_schema(
 release_detail = extend_schema(
     operation_id="release_detail",
     summary="A release", tags=["releases"],
-    description="Its status, what a person may ask of it now, its steps (with what a step waits for, and until when), "
+    description="Its status, what a person may ask of it now, its steps (with what a step waits for, and until when, "
+                "and what the release page reads: `label`, and a failure in plain words, `explanation`), "
                 "its gates with their cards, its instances and its history.",
     parameters=[RELEASE_ID],
     responses={200: ReleaseOut, **READ, **UNKNOWN_RELEASE},

@@ -72,6 +72,8 @@ def _time(value: datetime | None) -> str | None:
 
 def release_dict(release: Release) -> dict:
     steps = list(release.steps.all())
+    # what the release page reads for each step (its label, a failure in plain words): the same reading
+    read = {row["step"].pk: row for row in timeline(release, steps, list(release.history.all()))}
     return {
         "id": release.pk,
         "uuid": str(release.uuid),
@@ -97,6 +99,8 @@ def release_dict(release: Release) -> dict:
                 "started_at": _time(s.started_at), "finished_at": _time(s.finished_at),
                 "waiting_for": waiting_for(s),
                 "deadline": _time(s.deadline) if s.status in (Step.Status.RUNNING, Step.Status.AWAITING_APPROVAL) else None,
+                "label": read[s.pk]["status"],
+                "explanation": explanation_dict(read[s.pk]["explanation"]),
             }
             for s in steps
         ],
@@ -671,6 +675,8 @@ def deliveries(*, environment: Environment | None = None, release: Release | Non
 
 
 ENDED = (Release.Status.SUCCEEDED, Release.Status.ROLLED_BACK, Release.Status.CANCELLED)
+# what `timeline` may call a step: its status, or what a person reads instead
+TIMELINE_LABELS = (*Step.Status.values, "cancelled", "rejected")
 
 
 def timeline(release: Release, steps: list[Step], history: list[StatusChange]) -> list[dict]:
@@ -699,6 +705,14 @@ def timeline(release: Release, steps: list[Step], history: list[StatusChange]) -
         rollback_seen = rollback_seen or step.kind == Step.Kind.ROLLBACK
         rows.append({"step": step, "status": shown, "explanation": explanation, "first_rollback": first_rollback})
     return rows
+
+
+def explanation_dict(explanation) -> dict | None:
+    """A failed step's explanation (failures.Explanation) as the API gives it: what failed, the verdict on
+    retrying, and what to do next."""
+    if explanation is None:
+        return None
+    return {"what": explanation.what, "retry": explanation.retry, "advice": explanation.advice}
 
 
 def _names(instances: list[Instance]) -> str:

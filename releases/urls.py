@@ -12,6 +12,7 @@ urlpatterns = [
     path("environments/<slug:name>/edit/", views.environment_edit, name="environment_edit"),
     path("environments/<slug:name>/preflight/", views.environment_preflight, name="environment_preflight"),
     path("environments/<slug:name>/ssh-config.zip", views.environment_ssh_config, name="environment_ssh_config"),
+    path("environments/<slug:name>/deliveries/", views.environment_deliveries, name="environment_deliveries"),
     path("environments/<slug:name>/channels/new/", views.channel_edit, name="channel_new"),
     path("environments/<slug:name>/channels/<int:channel_id>/edit/", views.channel_edit, name="channel_edit"),
     path("environments/<slug:name>/channels/<int:channel_id>/delete/", views.channel_delete, name="channel_delete"),

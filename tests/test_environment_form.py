@@ -40,25 +40,32 @@ def body(response) -> str:
 # -- one test per rule ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("region", "mars-1", "'mars-1' is not an EC2 region"),
-    ("verify_cidr", "10.0.0.300/33", "is not an IPv4 CIDR block"),
-    ("verify_cidr", "10.0.0.1/24", "is not an IPv4 CIDR block"),  # host bits set: say what is meant
-    ("verify_cidr", "2001:db8::/32", "is not an IPv4 CIDR block"),  # the rule is an IpRanges entry: IPv4 only
-    ("app_port", "70000", "A port is from 1 to 65535."),
-    ("app_port", "0", "A port is from 1 to 65535."),
-    ("ssh_port", "0", "A port is from 1 to 65535."),
-    ("ssh_port", "65536", "A port is from 1 to 65535."),
-    ("health_path", "health", "starting with /: /health?"),
-    ("base_ami", "ami-zzz", "'ami-zzz' is not shaped like ami- and 8 or 17 hex digits"),
-    ("subnet_id", "subnet-12", "'subnet-12' is not shaped like subnet-"),
-    ("verify_security_group_id", "sg-nothex00", "'sg-nothex00' is not shaped like sg-"),
-    ("security_group_ids", "sg-0123456789abcdef1\nsgx-1", "'sgx-1' is not shaped like sg-"),
-    ("extra_subnet_ids", "subnet-0123456789abcdef1, ami-0123456789abcdef1", "'ami-0123456789abcdef1' is not shaped like subnet-"),
-    ("repository", "not a repo", "'not a repo' is not a repository Greenlight fetches"),
-    ("aws_credentials", "profile:has spaces", "Not a credentials reference"),
-], ids=["region", "cidr", "cidr host bits", "cidr ipv6", "app port high", "app port zero", "ssh port zero", "ssh port high", "health path",
-        "ami id", "subnet id", "verify sg id", "security group list", "extra subnet list", "repository", "credentials reference"])
+# One bad value per rule, and what the error says. The admin's environment form runs the same rules
+# (tests/test_admin_environment.py reads this table too).
+BAD_VALUES = [
+    pytest.param("region", "mars-1", "'mars-1' is not an EC2 region", id="region"),
+    pytest.param("verify_cidr", "10.0.0.300/33", "is not an IPv4 CIDR block", id="cidr"),
+    pytest.param("verify_cidr", "10.0.0.1/24", "is not an IPv4 CIDR block", id="cidr host bits"),  # host bits set: say what is meant
+    pytest.param("verify_cidr", "2001:db8::/32", "is not an IPv4 CIDR block", id="cidr ipv6"),  # an IpRanges entry: IPv4 only
+    pytest.param("app_port", "70000", "A port is from 1 to 65535.", id="app port high"),
+    pytest.param("app_port", "0", "A port is from 1 to 65535.", id="app port zero"),
+    pytest.param("ssh_port", "0", "A port is from 1 to 65535.", id="ssh port zero"),
+    pytest.param("ssh_port", "65536", "A port is from 1 to 65535.", id="ssh port high"),
+    pytest.param("health_path", "health", "starting with /: /health?", id="health path"),
+    pytest.param("base_ami", "ami-zzz", "'ami-zzz' is not shaped like ami- and 8 or 17 hex digits", id="ami id"),
+    pytest.param("subnet_id", "subnet-12", "'subnet-12' is not shaped like subnet-", id="subnet id"),
+    pytest.param("verify_security_group_id", "sg-nothex00", "'sg-nothex00' is not shaped like sg-", id="verify sg id"),
+    pytest.param("security_group_ids", "sg-0123456789abcdef1\nsgx-1", "'sgx-1' is not shaped like sg-", id="security group list"),
+    pytest.param("extra_subnet_ids", "subnet-0123456789abcdef1, ami-0123456789abcdef1",
+                 "'ami-0123456789abcdef1' is not shaped like subnet-", id="extra subnet list"),
+    pytest.param("repository", "not a repo", "'not a repo' is not a repository Greenlight fetches", id="repository"),
+    pytest.param("aws_credentials", "profile:has spaces", "Not a credentials reference", id="credentials reference"),
+]
+# What the credentials field refuses as an access key, without ever showing it back
+ACCESS_KEYS = [ACCESS_KEY, "ASIAY34FZKBOKMUTVV7A", f"profile:{ACCESS_KEY}", f"env:{ACCESS_KEY}"]
+
+
+@pytest.mark.parametrize("field, value, expected", BAD_VALUES)
 def test_it_refuses_a_bad_value_on_its_field_and_saves_nothing(maintainer, environment, field, value, expected):  # noqa: F811
     before = Environment.objects.get(pk=environment.pk).updated_at
 
@@ -106,7 +113,7 @@ def test_every_error_arrives_in_one_submit(maintainer, environment):  # noqa: F8
 # -- the access key --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [ACCESS_KEY, "ASIAY34FZKBOKMUTVV7A", f"profile:{ACCESS_KEY}", f"env:{ACCESS_KEY}"])
+@pytest.mark.parametrize("value", ACCESS_KEYS)
 def test_an_access_key_in_the_credentials_field_is_refused_and_never_echoed(maintainer, environment, value):  # noqa: F811
     response = post(maintainer, environment, aws_credentials=value)
 

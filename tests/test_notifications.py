@@ -39,9 +39,11 @@ HOOK_SECRET = "webhook-secret-of-these-tests-0123456789"
 class Receiver:
     """An HTTP server on loopback that keeps every POST: (path, headers, body)."""
 
-    def __init__(self):
+    def __init__(self, hold: threading.Event | None = None):
         self.posts: list[tuple[str, dict, bytes]] = []
         self.lock = threading.Lock()
+        # `hold`: each POST is kept waiting for its answer until the test sets it
+        self.hold, self.arrived = hold, threading.Event()
         received = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +51,9 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with received.lock:
                     received.posts.append((self.path, dict(self.headers), body))
+                received.arrived.set()
+                if received.hold is not None:
+                    received.hold.wait(60)
                 self.send_response(200)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
@@ -90,6 +95,17 @@ def receiver():
     receiver = Receiver()
     receiver.thread.start()
     yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+@pytest.fixture
+def held_receiver():
+    """A receiver that takes a POST and answers it only once the test sets its `hold`."""
+    receiver = Receiver(hold=threading.Event())
+    receiver.thread.start()
+    yield receiver
+    receiver.hold.set()
     receiver.server.shutdown()
     receiver.server.server_close()
 
@@ -466,6 +482,8 @@ def test_only_a_maintainer_changes_channels_and_a_viewer_cannot_send_a_test(clie
     viewer = signed_in(client, "viewer", name="vic")
     assert "Send test" not in viewer.get("/environments/prepan/").content.decode()
     assert viewer.post(f"/environments/prepan/channels/{channel.pk}/test/").status_code == 403
+    assert viewer.get("/environments/prepan/deliveries/").status_code == 200  # what the page shows them already
+    assert signed_in(client, name="nobody").get("/environments/prepan/deliveries/").status_code == 403
     channel.refresh_from_db()
     assert channel.recipients == "a@example.com" and not Notification.objects.exists()
 
@@ -473,25 +491,105 @@ def test_only_a_maintainer_changes_channels_and_a_viewer_cannot_send_a_test(clie
         services.channel_test(channel=channel, actor=person("ann", "approver"))
 
 
+@pytest.mark.django_db
+def test_a_maintainer_or_a_deployer_of_the_environment_sends_a_test_and_a_deployer_outside_its_groups_cannot(
+        client, environment):  # noqa: F811
+    from django.contrib.auth.models import Group
+
+    channel = NotificationChannel.objects.create(environment=environment, name="team", kind="email", recipients="a@example.com")
+    managers = Group.objects.create(name="release-managers")
+    environment.deploy_groups.add(managers)
+    inside = person("dana", "deployer")
+    inside.groups.add(managers)
+
+    outside = signed_in(client, "deployer", "viewer", name="otto").post(f"/environments/prepan/channels/{channel.pk}/test/")
+    assert outside.status_code == 403 and not Notification.objects.exists()
+    for user in (inside, person("mia", "maintainer")):
+        client.force_login(user)
+        response = client.post(f"/environments/prepan/channels/{channel.pk}/test/")
+        assert response.status_code == 302 and response["Location"] == "/environments/prepan/"
+    assert sorted(AuditEvent.objects.filter(action="channel.test").values_list("actor_name", flat=True)) == ["dana", "mia"]
+
+
+def delivery_rows(fragment: str) -> list[tuple[str, str]]:
+    """(status, the row's HTML) of each delivery the environment page's deliveries fragment lists, newest first."""
+    return [(chunk.split('"', 1)[0], chunk.split("</tr>", 1)[0]) for chunk in fragment.split('<tr class="delivery-')[1:]]
+
+
+POLLS = 'hx-get="/environments/prepan/deliveries/" hx-trigger="every 2s"'
+
+
 @pytest.mark.django_db(transaction=True)
-def test_send_test_goes_through_a_worker_and_says_how_it_went(client, environment, celery_worker, receiver, received):  # noqa: F811
+def test_send_test_answers_at_once_and_the_page_follows_its_delivery_until_it_is_sent(
+        client, environment, celery_worker, held_receiver):  # noqa: F811
     hook = NotificationChannel.objects.create(environment=environment, name="hook", kind="webhook",
-                                              url=receiver.url + "/hook", secret=HOOK_SECRET)
+                                              url=held_receiver.url + "/hook", secret=HOOK_SECRET)
+    deployer = signed_in(client, "deployer", "viewer", name="dana")
+
+    response = deployer.post(f"/environments/prepan/channels/{hook.pk}/test/")
+
+    # the answer came back while the receiver holds the test unanswered: the request waited for nobody
+    assert not held_receiver.hold.is_set()
+    assert response.status_code == 302 and response["Location"] == "/environments/prepan/"
+    assert hook.deliveries.get().status in ("pending", "sending")
+    page = deployer.get(response["Location"]).content.decode()
+    assert "Test queued for hook" in page and POLLS in page
+    [(status, _)] = delivery_rows(page)
+    assert status in ("pending", "sending")
+
+    held_receiver.arrived.wait(30)  # the worker is sending it, and the receiver holds its answer
+    fragment = deployer.get("/environments/prepan/deliveries/").content.decode()
+    assert [status for status, _ in delivery_rows(fragment)] == ["sending"] and POLLS in fragment
+
+    held_receiver.hold.set()
+    fragment = wait_for(lambda: (f := deployer.get("/environments/prepan/deliveries/").content.decode())
+                        and delivery_rows(f)[0][0] != "sending" and f, 30, 0.2, "the test's row to say how it went")
+    [(status, row)] = delivery_rows(fragment)
+    assert status == "sent" and "<td>hook</td>" in row
+    assert "hx-trigger" not in fragment  # nothing on its way: the page stops asking
+    [(_, body)] = held_receiver.at("/hook")
+    payload = json.loads(body)
+    assert payload["event"] == "test" and payload["release"] is None and payload["actor"] == "dana"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_in_the_browser_the_test_s_row_turns_sent_without_a_reload(environment, web_server, browser, held_receiver):  # noqa: F811
+    from tests.test_browser import sign_in
+
+    NotificationChannel.objects.create(environment=environment, name="hook", kind="webhook", url=held_receiver.url + "/hook",
+                                       secret=HOOK_SECRET)
+    person("dana", "deployer", "viewer")
+    page = sign_in(browser, web_server, "dana")
+    page.goto(f"{web_server}/environments/prepan/")
+
+    page.get_by_role("button", name="Send test").click()
+    page.wait_for_selector("text=Test queued for hook")
+    page.evaluate("window.sameDocument = true")
+    held_receiver.arrived.wait(30)
+    assert page.locator("#environment-deliveries tr.delivery-sent").count() == 0
+    held_receiver.hold.set()
+
+    page.wait_for_selector("#environment-deliveries tr.delivery-sent", timeout=30_000)
+    assert page.evaluate("window.sameDocument") is True  # htmx replaced the rows: the page was not loaded again
+    assert page.csp_violations == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_test_to_a_receiver_that_is_down_is_tried_once_and_its_row_says_why(client, environment, celery_worker):  # noqa: F811
     dead = NotificationChannel.objects.create(environment=environment, name="dead", kind="webhook",
                                               url=f"http://127.0.0.1:{free_port()}/hook", secret=HOOK_SECRET)
     deployer = signed_in(client, "deployer", "viewer", name="dana")
 
-    body = deployer.post(f"/environments/prepan/channels/{hook.pk}/test/", follow=True).content.decode()
+    page = deployer.post(f"/environments/prepan/channels/{dead.pk}/test/", follow=True).content.decode()
+    assert "Test queued for dead" in page
 
-    assert "Sent a test to hook." in body
-    [payload] = hooks(receiver)
-    assert payload["event"] == "test" and payload["release"] is None and payload["actor"] == "dana"
-
-    body = deployer.post(f"/environments/prepan/channels/{dead.pk}/test/", follow=True).content.decode()
-    assert "The test to dead failed: could not post to 127.0.0.1:" in body
+    fragment = wait_for(lambda: (f := deployer.get("/environments/prepan/deliveries/").content.decode())
+                        and "hx-trigger" not in f and f, 30, 0.2, "the test's row to say how it went")
+    [(status, row)] = delivery_rows(fragment)
+    assert status == "failed" and "could not post to 127.0.0.1:" in row
     delivery = dead.deliveries.get()
     assert delivery.status == "failed" and delivery.attempts == 1  # a test is tried once: someone is watching
-    assert AuditEvent.objects.filter(action="channel.test", actor_name="dana").count() == 2
+    assert AuditEvent.objects.filter(action="channel.test", actor_name="dana").count() == 1
 
 
 # -- whole releases on the sandbox, the real worker sending ----------------------------------------

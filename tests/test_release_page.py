@@ -99,8 +99,7 @@ def test_a_viewer_reads_the_explanation_but_gets_no_buttons(client, environment,
     assert "/retry/" not in body and "/rollback/" not in body and "/cancel/" not in body
 
 
-def test_a_cancelled_gate_reads_cancelled_and_unrun_steps_skipped_and_the_end_is_summarised(client, environment, dana):  # noqa: F811
-    release = make(environment, "v2", dana)
+def cancel_at_the_first_gate(release):
     now = timezone.now()
     steps = {s.key: s for s in release.steps.all()}
     for key in ("launch", "provision", "deploy", "open_access", "smoke_direct"):
@@ -112,6 +111,11 @@ def test_a_cancelled_gate_reads_cancelled_and_unrun_steps_skipped_and_the_end_is
     Step.objects.create(release=release, position=1000, key="stop_new", kind="rollback", status="succeeded", attempts=1)
     Release.objects.filter(pk=release.pk).update(status="cancelled", finished_at=now, cancel_requested=True)
     instances(release, ("canary", "canary", "app-canary", "i-0canary"))
+
+
+def test_a_cancelled_gate_reads_cancelled_and_unrun_steps_skipped_and_the_end_is_summarised(client, environment, dana):  # noqa: F811
+    release = make(environment, "v2", dana)
+    cancel_at_the_first_gate(release)
 
     body = page(client, dana, release)
 
@@ -156,8 +160,7 @@ def test_after_success_the_summary_says_when_the_old_fleet_goes(client, environm
     assert f'Old fleet app-old-1 (i-0old1): stopped; terminated <time datetime="{due}"' in body
 
 
-def test_a_decision_reads_rejected_not_rejectd(client, environment, dana):  # noqa: F811
-    release = make(environment, "v2", dana)
+def reject_the_first_gate(release):
     gate = release.steps.get(key="verify_directly")
     Step.objects.filter(pk=gate.pk).update(status="failed", error="rejected by ravi")
     Approval.objects.create(step=gate, user=person("ravi", "approver"), decision="reject", comment="wrong")
@@ -165,10 +168,50 @@ def test_a_decision_reads_rejected_not_rejectd(client, environment, dana):  # no
                                 actor_name="ravi")
     Release.objects.filter(pk=release.pk).update(status="rolled_back", finished_at=timezone.now())
 
+
+def test_a_decision_reads_rejected_not_rejectd(client, environment, dana):  # noqa: F811
+    release = make(environment, "v2", dana)
+    reject_the_first_gate(release)
+
     body = page(client, dana, release)
 
     assert "verify_directly: rejected by ravi" in body and "rejectd" not in body
     assert "status-rejected" in step_row(body, "verify_directly")
+
+
+@pytest.mark.parametrize("revision, end, labels", [
+    ("v9", fail_deploy, {"launch": "succeeded", "deploy": "failed", "smoke_direct": "pending", "verify_directly": "pending"}),
+    ("v2", cancel_at_the_first_gate, {"deploy": "succeeded", "verify_directly": "cancelled", "close_access": "skipped",
+                                      "swap_elb": "skipped", "stop_new": "succeeded"}),
+    ("v2", reject_the_first_gate, {"launch": "skipped", "verify_directly": "rejected", "swap_elb": "skipped"}),
+], ids=["failed", "cancelled", "rejected"])
+def test_the_api_reads_each_step_as_the_page_does(client, environment, dana, revision, end, labels):  # noqa: F811
+    from tests.release_helpers import api
+
+    release = make(environment, revision, dana)
+    end(release)
+
+    answer = api(person("vic", "viewer")).get(f"/api/releases/{release.pk}/").json()
+    body = page(client, dana, release)
+
+    steps = {s["key"]: s for s in answer["steps"]}
+    assert {key: steps[key]["label"] for key in labels} == labels
+    for key, step in steps.items():
+        row = step_row(body, key)
+        assert f'class="step step-{step["label"]}' in row, (key, step["label"], row[:200])  # the page's own word
+        stored = Step.objects.get(release=release, key=key)
+        assert (step["status"], step["error"]) == (stored.status, stored.error)  # the stored status and raw error stay
+        if step["explanation"]:
+            explained = step["explanation"]
+            assert f"{explained['what'][:1].upper()}{explained['what'][1:]}: {explained['advice']}." in row
+        else:
+            assert 'class="step-explanation"' not in row
+    if end is fail_deploy:
+        assert steps["deploy"]["explanation"] == {"what": "revision v9 does not exist in the repository", "retry": "will not help",
+                                                  "advice": "retrying will not help; roll back or cancel"}
+        assert [k for k, s in steps.items() if s["explanation"]] == ["deploy"]
+    else:
+        assert not any(s["explanation"] for s in steps.values())  # a gate's end is no failure to explain
 
 
 def test_the_dashboard_has_a_row_per_environment(client, environment, dana):  # noqa: F811
