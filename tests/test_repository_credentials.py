@@ -125,6 +125,15 @@ def test_no_page_api_response_or_audit_event_shows_the_token(form):
     assert b"revision not checked" in bodies["review"] and SHOWN[form].encode() in bodies["review"]
     bodies["start"] = browser.post("/releases/new/", {"step": "review", "next": "1"}, follow=True).content
 
+    # the admin: the environment's form and a release's frozen plan
+    from django.contrib.auth.models import User
+
+    admin = Client()
+    admin.force_login(User.objects.create_superuser("ada", password="a-long-passphrase"))
+    for path in (f"/admin/releases/environment/{release.environment_id}/change/", f"/admin/releases/release/{release.pk}/change/"):
+        bodies[path] = admin.get(path).content
+        assert SHOWN[form].encode() in bodies[path], path
+
     shown = {name: body for name, body in bodies.items() if TOKEN.encode() in body}
     assert shown == {}, list(shown)
     events = list(AuditEvent.objects.values_list("action", "target", "details"))
