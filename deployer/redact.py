@@ -3,7 +3,8 @@
 Three kinds of secret are removed:
 - shapes: AWS access key ids and secret keys, `password=...` and the like,
   `Authorization:` headers, bearer tokens, the password of a URL's userinfo
-  (`postgres://user:pw@host`), and whole private keys (BEGIN ... END);
+  (`postgres://user:pw@host`) and an http(s) URL's lone userinfo (a token:
+  `https://TOKEN@host`), and whole private keys (BEGIN ... END);
 - known values: the ones a caller passes (an environment's own credentials,
   its SSH private key file's content) and the worker's own (`worker_secrets`:
   the Django secret key, the audit key, database and mail passwords, and every
@@ -38,7 +39,10 @@ _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 _HEADER = re.compile(r"(?i)\b((?:proxy-)?authorization\s*[:=]\s*).+")  # the whole value: "Token abc", "Basic ..."
 _BEARER = re.compile(r"(?i)\b(token|bearer)(\s+)[A-Za-z0-9._~+/-]{16,}=*")
 # the password of a URL's userinfo: postgres://user:pw@host, redis://:pw@host
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)([^/\s@]+)(@)")
+# (one masked already, as deployer.git.shown() writes it, stays: ***)
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)(?!\*\*\*@)([^/\s@]+)(@)")
+# over http(s), a userinfo with no password is a token: https://TOKEN@host (ssh's lone user is a name: ssh://git@host)
+_URL_TOKEN = re.compile(r"(?i)\b(https?://)(?!\*\*\*@)([^/\s:@]+)(@)")
 _PAIR = re.compile(r"(?i)\b(aws_secret_access_key|secret[_-]?key|password|passwd|pwd|token|api[_-]?key)(\s*[:=]\s*)(\S+)")
 # the shape of an AWS secret key; both cases required so a git sha (hex) survives
 _AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[a-z])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
@@ -100,6 +104,7 @@ class Redactor:
         if self.windows:
             text = _ENCODED_RUN.sub(self._encoded, text)
         text = _URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + m.group(3), text)
+        text = _URL_TOKEN.sub(lambda m: m.group(1) + REDACTED + m.group(3), text)
         text = _AWS_KEY_ID.sub(REDACTED, text)
         text = _HEADER.sub(lambda m: m.group(1) + REDACTED, text)
         text = _BEARER.sub(lambda m: m.group(1) + m.group(2) + REDACTED, text)

@@ -334,6 +334,11 @@ WHITENOISE_USE_FINDERS = True
 # (`make demo`, the tests) needs them. Off by default.
 ALLOW_FILE_REPOSITORIES = env.bool("ALLOW_FILE_REPOSITORIES", default=False)
 
+# The bare clone of a repository (the picker's recent commits, what a release
+# changes) is fetched again only when it is older than this many seconds; so
+# is a worker's reading of the recent commits (releases/tasks.py).
+REPOSITORY_FRESH_SECONDS = env.float("REPOSITORY_FRESH_SECONDS", default=60.0)
+
 # The system user a recipe's local tasks run as (with its primary group only);
 # empty: the worker's own user. Switching takes a worker running as root; a
 # worker that cannot switch fails the step rather than run the task as itself.

@@ -1,5 +1,9 @@
+import json
+
 from django import forms
 from django.contrib import admin
+
+from deployer import git
 
 from . import audit, permissions, services, tokens
 from .forms import EnvironmentForm
@@ -99,8 +103,19 @@ class ReleaseAdmin(admin.ModelAdmin):
     # read-only: releases change through the services, never by editing rows
     list_display = ("id", "environment", "revision", "strategy", "status", "requested_by", "created_at")
     list_filter = ("status", "environment")
-    readonly_fields = [f.name for f in Release._meta.fields]
+    # the plan as plan_shown: its repository's password or token masked
+    exclude = ["plan"]
+    readonly_fields = [f.name for f in Release._meta.fields if f.name != "plan"] + ["plan_shown"]
     inlines = [StepInline]
+
+    @admin.display(description="Plan")
+    def plan_shown(self, obj):
+        """The frozen plan; the deploy step reads the stored repository URL, a page shows it masked (git.shown)."""
+        shown = dict(obj.plan or {})
+        if isinstance(shown.get("environment"), dict):
+            frozen = shown["environment"]
+            shown["environment"] = {**frozen, "repository": git.shown(str(frozen.get("repository", "")))}
+        return json.dumps(shown, indent=2, sort_keys=True)
 
     def has_add_permission(self, request):
         return False

@@ -36,7 +36,7 @@ from django.db import (DatabaseError, IntegrityError, InterfaceError, Operationa
 from django.db.models import F, Q
 from django.utils import timezone
 
-from deployer import aws
+from deployer import aws, git
 from deployer.errors import AdapterError
 
 from . import audit, broadcast, cleanup, notifications, plan, steps, transitions
@@ -117,9 +117,11 @@ def release_cloud(release: Release, before_mutation=None) -> aws.Cloud:
 
 def secrets_of(release: Release) -> list[str]:
     """Values the log must never show, beside the worker's own (deployer.redact):
-    the environment's credentials and its SSH private key file's content."""
+    the environment's credentials, its SSH private key file's content, and the
+    password or token in its repository's URL (the deploy step clones it on
+    the instances, and git may print it there)."""
     environment = release.plan.get("environment") or {}
-    found = []
+    found = git.secrets(environment.get("repository") or "")
     try:
         found += aws.credential_values(account_for(environment))
     except (AdapterError, KeyError):

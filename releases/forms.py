@@ -170,6 +170,23 @@ class CredentialsInput(forms.TextInput):
         return super().format_value(value)
 
 
+class RepositoryInput(forms.TextInput):
+    """Shows the stored repository with its password or token as *** (git.shown):
+    sent back unchanged, EnvironmentForm keeps the stored URL. A URL with a
+    credential that is not the stored one (a new one the form sent back with
+    an error elsewhere) is never shown, as a password input would not: it is
+    typed again."""
+
+    def __init__(self, *args, stored: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stored = stored
+
+    def format_value(self, value):
+        if value and value != self.stored and git.secrets(str(value)):
+            return None
+        return super().format_value(git.shown(value) if value else value)
+
+
 def _credentials_shown(reference: str) -> str:
     if aws.looks_like_access_key(reference):
         return "an access key, not shown: replace it with a reference"
@@ -223,6 +240,7 @@ class EnvironmentForm(forms.ModelForm):
         widgets = {"extra_tags": forms.TextInput(attrs={"class": "code"}),
                    "region": forms.TextInput(attrs={"list": "aws-regions", "autocomplete": "off"}),
                    "aws_credentials": CredentialsInput(attrs={"autocomplete": "off"}),
+                   "repository": RepositoryInput(attrs={"autocomplete": "off"}),
                    **{name: forms.CheckboxSelectMultiple(attrs={"class": "choices"}) for name in ACCESS_GROUPS},
                    "approvals_required": forms.NumberInput(attrs={"min": 1, "max": APPROVALS_MAX})}
         labels = {
@@ -276,6 +294,16 @@ class EnvironmentForm(forms.ModelForm):
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
+        stored = self.instance.repository if self.instance.pk else ""
+        self.fields["repository"].widget.stored = stored
+        self.fields["repository"].help_text += (". A password or token in it is never shown (***): leave *** as it is to "
+                                                "keep the stored one")
+        # the stored URL as the form shows it, sent back, is the stored URL, never "***"
+        # (a write-only part, as a channel's URL and secret are)
+        sent = self.add_prefix("repository")
+        if stored and self.is_bound and self.data.get(sent) == git.shown(stored) != stored:
+            self.data = self.data.copy()
+            self.data[sent] = stored
         for name in self.OPTIONAL_WITH_DEFAULT:
             self.fields[name].required = False
         for name in ACCESS_GROUPS:
@@ -352,9 +380,14 @@ class EnvironmentForm(forms.ModelForm):
 
     def clean_repository(self):
         """A new or changed repository must answer `git ls-remote` from here, unless the maintainer says only
-        the workers can reach it (skip_repository_check): then the deploy step is the first to ask it."""
+        the workers can reach it (skip_repository_check): then the deploy step is the first to ask it.
+        *** (git.shown's mask) is refused: the stored URL sent back as shown was made the stored one already."""
         repository, check = self._checked("repository")
         repository = repository.strip()
+        if check and f"{git.MASK}@" in repository:
+            # *** stands for the stored password or token only where the whole URL is the stored one (see __init__)
+            raise forms.ValidationError(f"{git.MASK} stands for the stored password or token only when the rest of the URL "
+                                        "is unchanged: type the URL with its password or token.")
         if not check or "repository" not in self.changed_data or self.data.get(self.add_prefix("skip_repository_check")):
             return repository
         try:

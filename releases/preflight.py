@@ -266,6 +266,7 @@ def check_permissions(cloud: aws.Cloud, env: dict, state: dict, **_) -> list[Che
 
 def check_repository(cloud: aws.Cloud, env: dict, state: dict, *, revision: str = "", **_) -> Check:
     fix = "make the repository readable from the workers (a deploy key, a token), or correct its URL"
+    shown = git.shown(env["repository"])  # a token in its URL is never part of a check's message
     try:
         refs = git.revisions(env["repository"], allow_file=settings.ALLOW_FILE_REPOSITORIES)
     except AdapterError as exc:
@@ -273,17 +274,17 @@ def check_repository(cloud: aws.Cloud, env: dict, state: dict, *, revision: str 
     listed = f"{len(refs['branches'])} branches ({', '.join(refs['branches'][:3])}), {len(refs['tags'])} tags" + (
         f" (latest listed: {', '.join(refs['tags'][-3:])})" if refs["tags"] else "")
     if not refs["branches"] and not refs["tags"]:
-        return Check("repository", FAILED, f"{env['repository']} lists no branch or tag", fix)
+        return Check("repository", FAILED, f"{shown} lists no branch or tag", fix)
     if revision:
         try:
             found = git.resolve(env["repository"], revision, allow_file=settings.ALLOW_FILE_REPOSITORIES)
         except AdapterError as exc:
             return Check("repository", FAILED, str(exc), fix)
         if found is None:
-            return Check("repository", FAILED, f"{env['repository']} has no branch or tag {revision!r}; it lists {listed}",
+            return Check("repository", FAILED, f"{shown} has no branch or tag {revision!r}; it lists {listed}",
                          "push the revision, or choose one it lists")
         return Check("repository", OK, f"{revision} is {found[:12]}; {listed}")
-    return Check("repository", OK, f"{env['repository']}: {listed}")
+    return Check("repository", OK, f"{shown}: {listed}")
 
 
 def check_ssh(cloud: aws.Cloud, env: dict, state: dict, **_) -> Check:

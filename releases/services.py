@@ -153,9 +153,10 @@ NOT_CHECKED = "revision not checked"
 
 
 def revision_lookup(*, environment: Environment, revision: str) -> dict:
-    """{"revision", "checked", "note"}: 400 (the wizard's and the API's one message)
+    """{"revision", "checked", "note", "commit"}: 400 (the wizard's and the API's one message)
     when the repository answers without it; checked False, with why, when it cannot
     be reached from here: then the release may start and says "revision not checked".
+    `commit`: the commit the repository says it names, when checked.
 
     Git runs in the web process, as this check always has: listing refs and
     reading a log need read access only, and a worker round trip (preflight's
@@ -167,11 +168,11 @@ def revision_lookup(*, environment: Environment, revision: str) -> dict:
     try:
         found = git.resolve(environment.repository, revision, allow_file=settings.ALLOW_FILE_REPOSITORIES)
     except AdapterError as exc:
-        return {"revision": revision, "checked": False,
+        return {"revision": revision, "checked": False, "commit": "",
                 "note": f"{NOT_CHECKED}: the repository could not be reached from Greenlight's web server ({exc})"}
     if found is None:
-        raise BadInput(f"{environment.repository} has no branch or tag {revision!r}", field="revision")
-    return {"revision": revision, "checked": True, "note": ""}
+        raise BadInput(f"{git.shown(environment.repository)} has no branch or tag {revision!r}", field="revision")
+    return {"revision": revision, "checked": True, "note": "", "commit": found}
 
 
 def running_release(environment: Environment) -> Release | None:
@@ -180,35 +181,68 @@ def running_release(environment: Environment) -> Release | None:
             .order_by("-finished_at", "-pk").first())
 
 
-def _mirror(environment: Environment):
-    return git.mirror(environment.repository, settings.VAR_DIR / "repositories",
-                      allow_file=settings.ALLOW_FILE_REPOSITORIES)
+def _mirror(environment: Environment, *, needs: str = ""):
+    """The web process's own bare clone of the repository, fetched unless it was
+    fetched within REPOSITORY_FRESH_SECONDS and has `needs` (a revision)."""
+    return git.mirror(environment.repository, settings.VAR_DIR / "repositories", allow_file=settings.ALLOW_FILE_REPOSITORIES,
+                      fresh_for=settings.REPOSITORY_FRESH_SECONDS, needs=needs)
 
 
-def repository_picker(*, environment: Environment, recent: int = 20) -> dict:
-    """The revision picker's choices: {"branches", "tags", "commits", "error"};
-    the lists empty and error set when the repository cannot be reached."""
-    picked = {"branches": [], "tags": [], "commits": [], "error": ""}
+RECENT_COMMITS = 20  # the picker's "Recent commits"
+
+
+def repository_picker(*, environment: Environment) -> dict:
+    """The revision picker's choices: {"branches", "tags", "commits", "pending", "error", "asked"}.
+
+    Branches and tags come from `git ls-remote` at once. The recent commits need
+    a clone, which a big repository takes a minute to make: never here (see
+    recent_commits); `pending` says a worker is reading them. On an error the
+    lists are empty and `error` says why."""
+    picked = {"branches": [], "tags": [], "commits": [], "pending": False, "error": "", "asked": ""}
     try:
         picked.update(git.revisions(environment.repository, allow_file=settings.ALLOW_FILE_REPOSITORIES))
-        picked["commits"] = git.log(_mirror(environment), "HEAD", limit=recent)
     except AdapterError as exc:
         picked["error"] = str(exc)
+        return picked
+    picked.update(recent_commits(environment=environment))
     return picked
+
+
+def recent_commits(*, environment: Environment, asked: str = "") -> dict:
+    """{"commits", "pending", "error", "asked"}: the newest RECENT_COMMITS of the
+    default branch, without cloning or fetching in this process. From this
+    process's own clone when it was fetched within REPOSITORY_FRESH_SECONDS (the
+    review made it, say); else from what a worker read within that window, or
+    in answer to `asked`; else a worker is asked to read them
+    (tasks.commits_from_worker): `pending` until it has, and the picker's
+    fragment asks again, naming the ask (`asked`) it waits for."""
+    fresh = git.fresh_mirror(environment.repository, settings.VAR_DIR / "repositories", settings.REPOSITORY_FRESH_SECONDS)
+    if fresh is not None:
+        try:
+            return {"commits": git.log(fresh, "HEAD", limit=RECENT_COMMITS), "pending": False, "error": "", "asked": ""}
+        except AdapterError:
+            pass  # (an empty repository, say) the worker's answer says why
+    return tasks.commits_from_worker(environment, limit=RECENT_COMMITS, fresh_for=settings.REPOSITORY_FRESH_SECONDS,
+                                     asked=asked)
 
 
 CHANGES_LIMIT = 50
 
 
-def revision_changes(*, environment: Environment, revision: str) -> dict:
+def revision_changes(*, environment: Environment, revision: str, commit: str = "") -> dict:
     """What a release of `revision` changes, for the review and both gate cards
     (kept in the release's plan, so they need no git): {"from", "from_release",
-    "to", "commits", "more", "error"}; commits newest first, at most CHANGES_LIMIT."""
+    "to", "commits", "more", "error"}; commits newest first, at most CHANGES_LIMIT.
+
+    Read from the web process's own clone, fetched first unless it was fetched
+    within REPOSITORY_FRESH_SECONDS and has `commit` (what the repository said
+    `revision` is a moment ago: release_start passes it, so a branch that moved
+    is fetched) or else `revision` itself (a tag pushed a moment ago is fetched)."""
     running = running_release(environment)
     changes = {"from": running.revision if running else "", "from_release": running.pk if running else None,
                "to": revision, "commits": [], "more": False, "error": ""}
     try:
-        mirror = _mirror(environment)
+        mirror = _mirror(environment, needs=commit or revision)
         commits = git.log(mirror, revision, since=changes["from"], limit=CHANGES_LIMIT + 1)
     except AdapterError as exc:
         changes["error"] = str(exc)
@@ -273,7 +307,8 @@ def release_start(*, environment: Environment, revision: str, strategy: str = "b
         if failed := preflight_failed(checks):
             raise Conflict("preflight failed, so the release was not started: "
                            + "; ".join(f"{c['name']}: {c['message']}" for c in failed), checks=checks)
-    changes = revision_changes(environment=environment, revision=revision) if looked_up["checked"] else None
+    changes = (revision_changes(environment=environment, revision=revision, commit=looked_up["commit"])
+               if looked_up["checked"] else None)
     return release_create(environment=environment, revision=revision, strategy=strategy, fleet_size=fleet_size,
                           actor=actor, source_ip=source_ip, revision_checked=looked_up, changes=changes)
 
@@ -699,9 +734,10 @@ def _flat(value, path: str) -> dict:
 
 
 def _scrub(value):
-    # credentials are references, not keys, but a value typed by a person may still hold one
+    # credentials are references, not keys, but a value typed by a person may still hold one;
+    # a URL's password or token (the repository's) reads *** as everywhere else it is shown
     if isinstance(value, str):
-        return logs.Redactor()(value)
+        return logs.Redactor()(git.shown(value))
     if isinstance(value, list):
         return [_scrub(v) for v in value]
     if isinstance(value, dict):
@@ -719,7 +755,14 @@ def configuration_diff(before: dict, after: dict) -> dict:
             new.update(_flat(b if b is not None else {}, name))
         else:
             old[name], new[name] = a, b
-    return {key: [_scrub(old.get(key)), _scrub(new.get(key))] for key in sorted({*old, *new}) if old.get(key) != new.get(key)}
+    diff = {}
+    for key in sorted({*old, *new}):
+        if old.get(key) != new.get(key):
+            a, b = _scrub(old.get(key)), _scrub(new.get(key))
+            if a == b and isinstance(b, str):  # only a secret in it changed (a token): say so, not what
+                b = f"{b} (a secret in it changed)"
+            diff[key] = [a, b]
+    return diff
 
 
 def configuration_audit(obj, *, created: bool, before: dict, actor, source_ip: str | None = None, action: str = "", **details) -> None:

@@ -3,12 +3,17 @@ waits on AWS is queued again with a countdown rather than held by a worker."""
 
 import json
 import logging
+import re
+import time
 import uuid
 
 import redis
 from celery import shared_task
 from django.conf import settings
 from kombu.exceptions import OperationalError
+
+from deployer import git
+from deployer.errors import AdapterError
 
 from . import cleanup, engine, notifications, preflight
 from .models import Environment
@@ -129,6 +134,69 @@ def preflight_on_worker(environment: Environment, *, revision: str = "", strateg
     if answer is None:
         return [preflight.Check("workers", preflight.FAILED, f"no worker answered within {timeout:g}s", fix).as_dict()]
     return json.loads(answer[1])
+
+
+# The revision picker's recent commits, read by a worker: a first clone of a big
+# repository takes a minute, which no web request should wait for.
+COMMITS = "greenlight:commits:"  # + the repository's mirror_name: {"at", "commits", "error", "asked"}
+COMMITS_KEPT = 3600  # seconds Redis keeps an answer (how fresh it must be is the asker's to say)
+COMMITS_ASKED_FOR = 120  # seconds one ask stands (a clone's 60 s limit, and a queue): then anyone may ask again
+_ASK = re.compile(r"^[0-9a-f]{32}$")
+
+
+@shared_task
+def read_commits(environment_id: int, limit: int = 20, asked: str = "") -> None:
+    """Fetch (or clone) this worker's bare clone of the environment's repository
+    and leave its newest `limit` commits, or why they could not be read, in
+    Redis, as the answer to the ask `asked`."""
+    environment = Environment.objects.filter(pk=environment_id).first()
+    if environment is None:
+        return
+    repository = environment.repository
+    try:
+        path = git.mirror(repository, settings.VAR_DIR / "repositories", allow_file=settings.ALLOW_FILE_REPOSITORIES)
+        answer = {"commits": git.log(path, "HEAD", limit=limit), "error": ""}
+    except AdapterError as exc:  # shown as is: git.py masks the repository's credentials
+        answer = {"commits": [], "error": str(exc)}
+    key = COMMITS + git.mirror_name(repository)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        client.set(key, json.dumps({**answer, "at": time.time(), "asked": asked}), ex=COMMITS_KEPT)
+        client.delete(key + ":asked")
+    finally:
+        client.close()
+
+
+def commits_from_worker(environment: Environment, *, limit: int, fresh_for: float, asked: str = "") -> dict:
+    """{"commits", "pending", "error", "asked"}: what a worker read of the
+    repository's recent commits less than `fresh_for` seconds ago, or in answer
+    to the ask `asked` (a page that is waiting for it: however short the window,
+    the answer it waited for is shown). Else a worker is asked, once however
+    many pages ask meanwhile, `pending` is True and `asked` names the ask to
+    wait for. Never waits: the page shows "Fetching recent commits…" and asks again."""
+    key = COMMITS + git.mirror_name(environment.repository)
+    cannot = "cannot ask a worker to read the recent commits"
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+    try:
+        kept = client.get(key)
+        answer = json.loads(kept) if kept else None
+        if answer and (time.time() - answer["at"] < fresh_for or (asked and answer.get("asked") == asked)):
+            return {"commits": answer["commits"][:limit], "pending": False, "error": answer["error"], "asked": ""}
+        ask = uuid.uuid4().hex
+        if client.set(key + ":asked", ask, nx=True, ex=COMMITS_ASKED_FOR):
+            try:
+                read_commits.apply_async((environment.pk, limit, ask), expires=COMMITS_ASKED_FOR)
+            except OperationalError as exc:
+                client.delete(key + ":asked")
+                return {"commits": [], "pending": False, "asked": "",
+                        "error": f"{cannot}: the broker did not take the message ({type(exc).__name__})"}
+        else:  # someone asked a moment ago: wait for that answer
+            ask = (client.get(key + ":asked") or b"").decode()
+    except redis.RedisError as exc:
+        return {"commits": [], "pending": False, "asked": "", "error": f"{cannot}: Redis did not answer ({type(exc).__name__})"}
+    finally:
+        client.close()
+    return {"commits": [], "pending": True, "error": "", "asked": ask if _ASK.match(ask) else ""}
 
 
 @shared_task

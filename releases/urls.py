@@ -21,6 +21,7 @@ urlpatterns = [
     path("recipes/<slug:name>/edit/", views.recipe_edit, name="recipe_edit"),
     path("recipes/<slug:name>/changes/<int:change_id>/<str:decision>/", views.recipe_change_decide, name="recipe_change_decide"),
     path("releases/new/", views.release_new, name="release_new"),
+    path("releases/new/commits/", views.release_new_commits, name="release_new_commits"),
     path("releases/<int:release_id>/", views.release_page, name="release"),
     path("releases/<int:release_id>/panel/", views.release_panel, name="release_panel"),
     path("releases/<int:release_id>/log.txt", views.release_log_download, name="release_log"),

@@ -411,6 +411,29 @@ def release_new(request):
     return render(request, "releases/wizard.html", context)
 
 
+COMMITS_POLL = 2  # seconds between the picker's looks for the recent commits a worker reads
+COMMITS_POLLS = 60  # looks before it stops and says no worker has read them
+
+
+@deployer
+def release_new_commits(request):
+    """The revision picker's recent commits, for the picker to load while a worker
+    reads them (services.recent_commits): listed, still "Fetching…" (this
+    fragment asks again), or why not. Where this person may start a release."""
+    environment = permissions.deployable(request.user, Environment.objects.all()).filter(
+        name=request.GET.get("environment", "")).first()
+    if environment is None:
+        raise Http404("no environment where you may start a release has that name")
+    tries = request.GET.get("tries", "")
+    tries = min(int(tries), COMMITS_POLLS) if tries.isascii() and tries.isdigit() and len(tries) < 6 else 0
+    picked = services.recent_commits(environment=environment, asked=request.GET.get("asked", "")[:32])
+    if picked["pending"] and tries >= COMMITS_POLLS:
+        picked = {"commits": [], "pending": False, "asked": "",
+                  "error": f"no worker has read them in {COMMITS_POLL * COMMITS_POLLS} s: are the workers running?"}
+    return render(request, "releases/_commits.html", {"picker": picked, "environment": environment, "tries": tries + 1,
+                                                     "poll": COMMITS_POLL})
+
+
 PREFLIGHT_FRESH = 600  # seconds a review's preflight stands for its start
 
 
@@ -468,7 +491,7 @@ def _wizard_context(step: str, form, data: dict, environment: Environment | None
     if step in ("revision", "review") and environment is not None:
         context["running"] = services.running_release(environment)
     if step == "revision" and environment is not None:
-        context["picker"] = services.repository_picker(environment=environment)
+        context.update(picker=services.repository_picker(environment=environment), tries=1, poll=COMMITS_POLL)
     if step == "review" and environment is not None:
         strategy = data.get("strategy", "bake")
         context["plan"] = plan.STRATEGIES.get(strategy, ())

@@ -33,6 +33,10 @@ def test_a_password_inside_a_url_is_redacted_and_the_rest_of_the_url_kept():
     assert redact("REDIS=redis://:s3cret@cache:6379/0 ok") == f"REDIS=redis://:{REDACTED}@cache:6379/0 ok"
     assert redact("git clone https://dana:ghp_x1@github.com/o/r.git") == f"git clone https://dana:{REDACTED}@github.com/o/r.git"
     assert redact("see https://example.com:8443/a@b and git@github.com:o/r") == "see https://example.com:8443/a@b and git@github.com:o/r"
+    # over https a lone userinfo is a token; an ssh user is a name; a URL masked already (git.shown) stays as it is
+    assert redact("git clone https://ghp_x1y2@github.com/o/r.git") == f"git clone https://{REDACTED}@github.com/o/r.git"
+    assert redact("git clone ssh://git@github.com/o/r.git") == "git clone ssh://git@github.com/o/r.git"
+    assert redact("cannot read https://***@h/r and https://u:***@h/r") == "cannot read https://***@h/r and https://u:***@h/r"
 
 
 def test_a_git_sha_is_not_mistaken_for_a_secret():

@@ -3,6 +3,9 @@ runs now, the commits a release changes (kept in its plan for the gate cards),
 the API's revision check (the wizard's, to the letter), busy environments at
 the wizard's first step, and strategies that cannot run."""
 
+import html
+import re
+
 import pytest
 from django.test import Client
 from django.utils import timezone
@@ -10,6 +13,7 @@ from django.utils import timezone
 from deployer.sandbox import repository
 from releases import services
 from releases.models import Environment, Release
+from tests.helpers import wait_for
 from tests.release_helpers import api, offline_environment, person
 
 pytestmark = pytest.mark.django_db
@@ -89,19 +93,132 @@ def test_a_release_keeps_the_commits_between_what_runs_and_its_revision(repo, da
     assert response.json()["revision_checked"] is True
 
 
-def test_the_picker_lists_tags_branches_and_recent_commits_and_what_runs_now(repo, dana):
+def push(repo: str, subject: str, *, tag: str = "") -> str:
+    """A commit on main of the bare repository at `repo` (a file:// URL), tagged `tag` if given; its sha."""
+    from pathlib import Path
+    from tempfile import TemporaryDirectory
+
+    with TemporaryDirectory() as work:
+        repository._git("clone", "--quiet", Path(repo.removeprefix("file://")).as_posix(), "work", cwd=Path(work))
+        clone = Path(work) / "work"
+        repository._git("commit", "--quiet", "--allow-empty", "-m", subject, cwd=clone)
+        if tag:
+            repository._git("tag", tag, cwd=clone)
+        repository._git("push", "--quiet", "--tags", "origin", "HEAD:main", cwd=clone)
+        return repository._git("rev-parse", "HEAD", cwd=clone)
+
+
+def next_look(text: str) -> str:
+    """The URL the picker's "Fetching recent commits…" asks next (its hx-get)."""
+    found = re.search(r'hx-get="([^"]*/releases/new/commits/[^"]*)"', text)
+    assert found, text[-3000:]
+    return html.unescape(found.group(1))
+
+
+def commits_after_a_worker_read_them(client: Client, page: str) -> str:
+    """The picker's recent commits once a worker has read them: the fragment
+    asked for again, as the page's htmx does, until it is no longer "Fetching…"."""
+    url = [next_look(page)]
+
+    def answered():
+        fragment = client.get(url[0]).content.decode()
+        if "Fetching recent commits" in fragment:
+            url[0] = next_look(fragment)
+            return None
+        return fragment
+
+    return wait_for(answered, 60, 1, "a worker to read the recent commits")
+
+
+def subjects(fragment: str) -> list[str]:
+    return re.findall(r"</code> ([^<]*)</button>", fragment)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_picker_answers_without_a_clone_and_lists_recent_commits_once_a_worker_read_them(repo, celery_worker, settings):
     environment = offline_environment("prepan", repo)
+    dana = person("dana", "deployer", "approver")
     running = succeeded(environment, "v1", dana)
     succeeded(environment, "v2", dana).__class__.objects.filter(revision="v2").update(status="rolled_back")
+    mirrors = settings.VAR_DIR / "repositories"
+    client = wizard(dana, "prepan")
 
-    picked = services.repository_picker(environment=environment)
-    page = wizard(dana, "prepan").get("/releases/new/?step=revision").content.decode()
+    page = client.get("/releases/new/?step=revision").content.decode()
 
-    assert picked["error"] == ""
-    assert picked["tags"] == ["v1", "v2"] and picked["branches"] == ["main"]
-    assert [c["subject"] for c in picked["commits"]] == ["prepan v2", "prepan v1"]
+    assert not mirrors.exists()  # nothing was cloned or fetched while the page was made
     assert f"Running now: v1 (<a href=\"/releases/{running.pk}/\">release #{running.pk}</a>)" in page
-    assert 'name="pick" value="v2"' in page and "prepan v1" in page
+    assert 'name="pick" value="v1"' in page and 'name="pick" value="v2"' in page and 'name="pick" value="main"' in page
+    assert "Fetching recent commits…" in page and "prepan v1" not in page
+    fragment = commits_after_a_worker_read_them(client, page)
+    assert subjects(fragment) == ["prepan v2", "prepan v1"]
+    assert not mirrors.exists()  # the worker cloned it, with its own
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_fresh_reading_of_the_commits_is_not_fetched_again_within_the_window(repo, celery_worker, settings):
+    offline_environment("prepan", repo)
+    client = wizard(person("dana", "deployer"), "prepan")
+    settings.REPOSITORY_FRESH_SECONDS = 3600
+    first = commits_after_a_worker_read_them(client, client.get("/releases/new/?step=revision").content.decode())
+    push(repo, "prepan v3")
+
+    within = client.get("/releases/new/?step=revision").content.decode()
+    settings.REPOSITORY_FRESH_SECONDS = 0  # the window has passed
+    after = client.get("/releases/new/?step=revision").content.decode()
+
+    assert subjects(first) == ["prepan v2", "prepan v1"]
+    assert "Fetching recent commits…" not in within and subjects(within) == ["prepan v2", "prepan v1"]
+    assert "Fetching recent commits…" in after
+    assert subjects(commits_after_a_worker_read_them(client, after)) == ["prepan v3", "prepan v2", "prepan v1"]
+
+
+def test_what_changes_reuses_a_fresh_clone_unless_it_lacks_the_revision_the_repository_names(repo, dana, settings):
+    environment = offline_environment("prepan", repo)
+    succeeded(environment, "v1", dana)
+    settings.REPOSITORY_FRESH_SECONDS = 3600
+
+    def changes(revision: str, **commit) -> list[str]:
+        found = services.revision_changes(environment=environment, revision=revision, **commit)
+        assert found["error"] == ""
+        return [c["subject"] for c in found["commits"]]
+
+    first = changes("main")  # the review's look: a first clone, in this process
+    v3 = push(repo, "prepan v3")
+    within = changes("main")
+    pinned = changes("main", commit=v3)  # what release_start passes: the commit ls-remote named
+    push(repo, "prepan v4", tag="v4")
+    tagged = changes("v4")  # a tag pushed a moment ago: fetched for
+    push(repo, "prepan v5")
+    created = api(dana).post("/api/releases/", {"environment": "prepan", "revision": "main"}, format="json")
+
+    assert first == within == ["prepan v2"]
+    assert pinned == ["prepan v3", "prepan v2"]
+    assert tagged == ["prepan v4", "prepan v3", "prepan v2"]
+    assert [c["subject"] for c in created.json()["changes"]["commits"]] == ["prepan v5", "prepan v4", "prepan v3", "prepan v2"]
+
+
+def test_the_picker_stops_asking_and_says_so_when_no_worker_answers(repo, dana):
+    offline_environment("prepan", repo)  # not committed: no worker can read it, as none that runs would
+    client = wizard(dana, "prepan")
+
+    first = client.get("/releases/new/commits/?environment=prepan&tries=1").content.decode()
+    last = client.get("/releases/new/commits/?environment=prepan&tries=60").content.decode()
+
+    assert "Fetching recent commits…" in first and "hx-get" in first
+    assert "no worker has read them in 120 s: are the workers running?" in last and "hx-get" not in last
+
+
+def test_the_recent_commits_are_only_for_who_may_start_a_release_there(repo):
+    from django.contrib.auth.models import Group
+
+    environment = offline_environment("prepan", repo)
+    environment.deploy_groups.add(Group.objects.create(name="team-a"))
+    outsider, viewer = Client(), Client()
+    outsider.force_login(person("dana", "deployer"))
+    viewer.force_login(person("vic", "viewer"))
+
+    assert outsider.get("/releases/new/commits/?environment=prepan").status_code == 404
+    assert viewer.get("/releases/new/commits/?environment=prepan").status_code == 403
 
 
 def test_the_wizard_names_a_busy_environment_at_its_first_step(repo, dana):

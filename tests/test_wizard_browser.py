@@ -1,5 +1,6 @@
 """The release wizard in the browser, by what a person sees: the revision
-picker (tags v1 and v2 of the sandbox's repository, with search), the commit
+picker (tags v1 and v2 of the sandbox's repository, with search; its recent
+commits once a worker has read them), the commit
 between what runs and what is chosen on the review, a busy environment
 named at the first step with a link to the release holding it."""
 
@@ -28,8 +29,14 @@ def test_the_picker_lists_v1_and_v2_and_the_review_shows_the_commit_between(rele
     picker = page.get_by_role("region", name="Choose a revision")
     assert picker.get_by_role("button", name="v1", exact=True).is_visible()
     assert picker.get_by_role("button", name="v2", exact=True).is_visible()
+    # the recent commits arrive once a worker has read them (the page asks again meanwhile)
+    commits = page.locator("#recent-commits")
+    commits.get_by_role("button", name="prepan v1").wait_for(timeout=60_000)
+    assert "Fetching recent commits" not in commits.inner_text()
     page.get_by_label("Search revisions").fill("v2")
     assert picker.get_by_role("button", name="v1", exact=True).is_hidden()
+    assert commits.get_by_role("button", name="prepan v1").is_hidden()
+    assert commits.get_by_role("button", name="prepan v2").is_visible()
     picker.get_by_role("button", name="v2", exact=True).click()
 
     page.wait_for_url("**step=options")
