@@ -363,6 +363,12 @@ def release_new(request):
     environment = Environment.objects.filter(name=data.get("environment")).select_related("recipe").first()
     if step != "environment" and environment is None:
         return redirect(reverse("release_new"))
+    if environment is not None and (refused := permissions.deploy_refusal(request.user, environment, "Releasing")):
+        # a link (?environment=X) or an old session must not show a revision step (its branches and
+        # tags, its commits) where this person may not start a release: step 1 lists where they may
+        request.session[WIZARD] = {}
+        messages.error(request, refused[1] + ".")
+        return redirect(reverse("release_new"))
     if step == "options" and "strategy" not in data:
         # the environment's own default, never another one chosen silently (the form says when it cannot run)
         data.setdefault("strategy", environment.default_strategy)

@@ -344,6 +344,25 @@ def test_deploy_groups_on_the_pages_hide_the_environment_and_the_buttons_and_ref
     assert f"/releases/{release.pk}/cancel/" in client.get(f"/releases/{release.pk}/").content.decode()
 
 
+@pytest.mark.parametrize("step", ["revision", "options", "review"])
+def test_deploy_groups_keep_a_deployer_outside_them_out_of_the_wizard_s_later_steps(client, environment, managers, step):  # noqa: F811
+    needs(environment, 1, deploy_groups=[managers])
+    client.force_login(person("dev", "deployer"))
+
+    # a link from elsewhere, and a session that names the environment (as a wizard begun before the groups changed)
+    linked = client.get("/releases/new/?environment=prepan", follow=True)
+    session = client.session
+    session["release_wizard"] = {"environment": "prepan", "revision": "v2"}
+    session.save()
+    later = client.get(f"/releases/new/?step={step}", follow=True)
+
+    for response in (linked, later):
+        page = html.unescape(response.content.decode())
+        assert response.redirect_chain[-1][0] == "/releases/new/"
+        assert "Releasing in prepan needs one of the groups release-managers." in page
+        assert "?step=revision" not in response.redirect_chain[-1][0] and "revision" not in response.context["step"]
+
+
 def test_deploy_groups_also_guard_the_preflight_and_the_ssh_config_download(client, environment, managers):  # noqa: F811
     """Both use the workers' credentials or map the fleet: who may not deploy here may not run them either."""
     needs(environment, 1, deploy_groups=[managers])
