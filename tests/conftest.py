@@ -30,6 +30,33 @@ os.environ.setdefault("GREENLIGHT_TEST_API_TOKEN", secrets.token_urlsafe(24))
 os.environ.setdefault("GLREDACT_ACCESS_KEY_ID", "AKIA" + "".join(secrets.choice(string.ascii_uppercase) for _ in range(16)))
 os.environ.setdefault("GLREDACT_SECRET_ACCESS_KEY", secrets.token_urlsafe(30))
 
+
+def _flush_through_deadlocks():
+    """A transactional test ends by truncating every table, while the session's worker may be
+    sweeping (reading releases and steps in a transaction): PostgreSQL can then find the two
+    deadlocked and abort the truncate, which fails the test's teardown and leaves its rows for the
+    next test. A truncate is safe to run again: it is, after a short pause, up to five times."""
+    import time
+
+    from django.db import OperationalError
+    from django.db.backends.base.operations import BaseDatabaseOperations
+
+    flush = BaseDatabaseOperations.execute_sql_flush
+
+    def execute_sql_flush(self, sql_list):
+        for attempt in range(5):
+            try:
+                return flush(self, sql_list)
+            except OperationalError as exc:
+                if getattr(exc.__cause__, "sqlstate", None) != "40P01" or attempt == 4:  # deadlock_detected
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    BaseDatabaseOperations.execute_sql_flush = execute_sql_flush
+
+
+_flush_through_deadlocks()
+
 # Notifications (tests/test_notifications.py): the workers and web servers the
 # tests start send mail to an SMTP server that test runs on this port, and try
 # a failed delivery again soon, three times in all. (This process's own mail
