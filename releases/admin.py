@@ -23,6 +23,19 @@ class AuditedAdmin(admin.ModelAdmin):
         services.configuration_audit(form.instance, created=not change, before=form.audit_before, actor=request.user,
                                      source_ip=request.META.get("REMOTE_ADDR"))
 
+    # Django's model permissions and our roles, both: adding and deleting need the maintainer
+    # role, changing what `change_role` says (a subclass's choice)
+    change_role = staticmethod(permissions.can_maintain)
+
+    def has_add_permission(self, request):
+        return super().has_add_permission(request) and permissions.can_maintain(request.user)
+
+    def has_change_permission(self, request, obj=None):
+        return super().has_change_permission(request, obj) and self.change_role(request.user)
+
+    def has_delete_permission(self, request, obj=None):
+        return super().has_delete_permission(request, obj) and permissions.can_maintain(request.user)
+
     def delete_model(self, request, obj):
         audit.record(f"{obj._meta.model_name}.delete", actor=request.user, source_ip=request.META.get("REMOTE_ADDR"), target=str(obj))
         super().delete_model(request, obj)
@@ -34,14 +47,7 @@ class RecipeAdmin(AuditedAdmin):
 
     # Django's model permissions alone would let a staff member without the maintainer
     # role change what runs on the workers: the admin asks for the role too
-    def has_add_permission(self, request):
-        return super().has_add_permission(request) and permissions.can_maintain(request.user)
-
-    def has_change_permission(self, request, obj=None):
-        return super().has_change_permission(request, obj) and permissions.can_maintain(request.user)
-
-    def has_delete_permission(self, request, obj=None):
-        return super().has_delete_permission(request, obj) and permissions.can_maintain(request.user)
+    change_role = staticmethod(permissions.can_maintain)
 
 
 class EnvironmentAdminForm(EnvironmentForm):
@@ -80,14 +86,7 @@ class EnvironmentAdmin(AuditedAdmin):
 
     # Adding and deleting an environment is a maintainer's; opening one to change it, a deployer's
     # or a maintainer's (the form then lets a deployer change only the fleet size and wait limits)
-    def has_add_permission(self, request):
-        return super().has_add_permission(request) and permissions.can_maintain(request.user)
-
-    def has_change_permission(self, request, obj=None):
-        return super().has_change_permission(request, obj) and permissions.can_configure(request.user)
-
-    def has_delete_permission(self, request, obj=None):
-        return super().has_delete_permission(request, obj) and permissions.can_maintain(request.user)
+    change_role = staticmethod(permissions.can_configure)
 
 
 class StepInline(admin.TabularInline):
