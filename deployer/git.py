@@ -71,13 +71,22 @@ def scrubbed(text: str, repository: str) -> str:
     return text
 
 
+def _refused_shown(value: str) -> str:
+    """A refused value as its error shows it: shown()'s mask for a URL; for anything else with an
+    "@" (user:TOKEN@host:path, which is no URL), all before the last "@" is hidden: it may be a token."""
+    masked = shown(value)
+    if masked == value and "@" in value and not _SCP.match(value):
+        return MASK + "@" + value.rpartition("@")[2]
+    return masked
+
+
 def check_repository(repository: str, *, allow_file: bool = False) -> str:
     """The repository if git may fetch it: https://, ssh://, git@host:path,
     and file:// only when allowed. Anything else (http://, a bare path,
     ext::, a leading "-") would let a person make a server fetch or read
     what it should not; raises AdapterError saying what is accepted."""
     accepted = "https://, ssh:// or git@host:path" + (" or file://" if allow_file else "")
-    refused = AdapterError(f"{shown(repository or '')[:100]!r} is not a repository Greenlight fetches: use {accepted}")
+    refused = AdapterError(f"{_refused_shown(repository or '')[:100]!r} is not a repository Greenlight fetches: use {accepted}")
     if not repository or any(c.isspace() or ord(c) < 32 for c in repository):
         raise refused
     try:

@@ -214,3 +214,15 @@ def test_the_release_log_never_shows_the_token_git_prints_on_an_instance(form):
     assert len(lines) == 4 and not [line for line in lines if TOKEN in line], lines
     assert "127.0.0.1:1/org/app.git /srv/app" in lines[0]  # the rest of the URL stays readable
     assert TOKEN not in api(dana).get(f"/api/releases/{release.pk}/logs/").content.decode()
+
+
+@pytest.mark.parametrize("value, shown_as", [
+    (f"deploy:{TOKEN}@git.example.com:org/repo.git", "'***@git.example.com:org/repo.git'"),  # scp-like with a password: no URL
+    (f"http://deploy:{TOKEN}@git.example.com/org/repo.git", "'http://deploy:***@git.example.com/org/repo.git'"),
+])
+def test_a_refused_value_never_repeats_a_token_in_its_error(value, shown_as):
+    with pytest.raises(AdapterError) as refused:
+        git.check_repository(value)
+
+    assert TOKEN not in str(refused.value)
+    assert str(refused.value).startswith(f"{shown_as} is not a repository Greenlight fetches")
