@@ -7,6 +7,7 @@ second transition.
 
 from __future__ import annotations
 
+import math
 import time
 from functools import wraps
 from itertools import islice
@@ -21,6 +22,7 @@ from django.db import OperationalError
 from django.http import Http404, HttpResponse, HttpResponseForbidden, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from deployer.errors import AdapterError
@@ -175,11 +177,21 @@ def environment_ssh_config(request, name: str):
 # -- notification channels ---------------------------------------------------------------
 
 
+DELIVERIES_POLL = (2, 60)  # seconds: the soonest and the latest the page asks again while a delivery is on its way
+
+
 def _deliveries_context(environment: Environment) -> dict:
     deliveries = selectors.deliveries(environment=environment, limit=20)
-    # while one is still on its way (a test just queued, a retry), the page asks again for the rows
-    return {"environment": environment, "deliveries": deliveries,
-            "deliveries_unfinished": any(d.status in d.UNFINISHED for d in deliveries)}
+    unfinished = [d for d in deliveries if d.status in d.UNFINISHED]
+    # while one is still on its way (a test just queued, a retry), the page asks again for the rows: in 2 s,
+    # or, when every one waits for a retry later, when the soonest is due (at most a minute)
+    now, soonest, latest = timezone.now(), *DELIVERIES_POLL
+    due = [(d.next_attempt_at - now).total_seconds() for d in unfinished
+           if d.status == d.Status.PENDING and d.next_attempt_at is not None]
+    waiting = len(due) == len(unfinished) and due
+    poll = math.ceil(min(max(min(due), soonest), latest)) if waiting else soonest
+    return {"environment": environment, "deliveries": deliveries, "deliveries_unfinished": bool(unfinished),
+            "deliveries_poll": poll}
 
 
 def _notifications_context(request, environment: Environment) -> dict:

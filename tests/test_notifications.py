@@ -516,7 +516,7 @@ def delivery_rows(fragment: str) -> list[tuple[str, str]]:
     return [(chunk.split('"', 1)[0], chunk.split("</tr>", 1)[0]) for chunk in fragment.split('<tr class="delivery-')[1:]]
 
 
-POLLS = 'hx-get="/environments/prepan/deliveries/" hx-trigger="every 2s"'
+POLLS = 'hx-get="/environments/prepan/deliveries/" hx-trigger="load delay:2s"'
 
 
 @pytest.mark.django_db(transaction=True)
@@ -572,6 +572,25 @@ def test_in_the_browser_the_test_s_row_turns_sent_without_a_reload(environment, 
     page.wait_for_selector("#environment-deliveries tr.delivery-sent", timeout=30_000)
     assert page.evaluate("window.sameDocument") is True  # htmx replaced the rows: the page was not loaded again
     assert page.csp_violations == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("due_in, status, asks_in", [
+    (30, "pending", "30s"),  # waiting for its retry: asked again when it is due
+    (600, "pending", "60s"),  # not before a minute passes, at the latest
+    (0.5, "pending", "2s"),  # not more often than every 2 s
+    (30, "sending", "2s"),  # on its way now
+])
+def test_the_deliveries_are_asked_for_again_when_the_soonest_retry_is_due(client, environment, due_in, status, asks_in):  # noqa: F811
+    hook = NotificationChannel.objects.create(environment=environment, name="hook", kind="webhook",
+                                              url="https://hooks.example.com/x", secret=HOOK_SECRET)
+    notification = Notification.objects.create(key="test:1", event="test", environment=environment)
+    Delivery.objects.create(notification=notification, channel=hook, channel_name="hook", status=status, attempts=1,
+                            next_attempt_at=timezone.now() + timedelta(seconds=due_in))
+
+    fragment = signed_in(client, "viewer").get("/environments/prepan/deliveries/").content.decode()
+
+    assert f'hx-trigger="load delay:{asks_in}"' in fragment
 
 
 @pytest.mark.django_db(transaction=True)
