@@ -219,7 +219,7 @@ def test_the_release_log_never_shows_the_token_git_prints_on_an_instance(form):
 @pytest.mark.parametrize("value, shown_as", [
     (f"deploy:{TOKEN}@git.example.com:org/repo.git", "'***@git.example.com:org/repo.git'"),  # scp-like with a password: no URL
     (f"http://deploy:{TOKEN}@git.example.com/org/repo.git", "'http://deploy:***@git.example.com/org/repo.git'"),
-])
+], ids=["scp-like with a password", "http"])  # ids without the token: it is random, and xdist's processes must agree
 def test_a_refused_value_never_repeats_a_token_in_its_error(value, shown_as):
     with pytest.raises(AdapterError) as refused:
         git.check_repository(value)
