@@ -27,7 +27,7 @@ from django.views.decorators.http import require_POST
 
 from deployer.errors import AdapterError
 
-from . import permissions, plan, selectors, services, tokens
+from . import params, permissions, plan, selectors, services, tokens
 from .forms import (AuditFilterForm, ChannelForm, DecisionForm, EnvironmentChoiceForm, EnvironmentForm, ImportLookupForm,
                     OptionsForm, PasswordConfirmForm, RecipeForm, RevisionForm)
 from .models import Environment, NotificationChannel, Recipe, RecipeChange, Release
@@ -442,8 +442,10 @@ def release_new_commits(request):
         name=request.GET.get("environment", "")).first()
     if environment is None:
         raise Http404("no environment where you may start a release has that name")
-    tries = request.GET.get("tries", "")
-    tries = min(int(tries), COMMITS_POLLS) if tries.isascii() and tries.isdigit() and len(tries) < 6 else 0
+    try:  # how many times the page has asked: a bad count (a hand-edited URL) starts again
+        tries = min(params.whole_number(request.GET.get("tries"), "tries", default=0), COMMITS_POLLS)
+    except params.BadInput:
+        tries = 0
     picked = services.recent_commits(environment=environment, asked=request.GET.get("asked", "")[:32])
     if picked["pending"] and tries >= COMMITS_POLLS:
         picked = {"commits": [], "pending": False, "asked": "",
